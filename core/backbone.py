@@ -1,0 +1,74 @@
+"""The Backbone interface: a vision-language model read through learnable [LRN] tokens.
+
+Shape letters: B batch, T window, M = B*T single-frame sequences, N image tokens per
+camera, L text tokens, S assembled sequence length, D hidden size. The core assembles,
+per frame, [BOS][gripper image tokens][static image tokens][instruction tokens][LRN x K]
+[EOS] from the pieces a backbone provides, so no backbone's name appears in core.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from robovla.config import ComponentConfig
+
+
+class TextTokens(NamedTuple):
+    """Tokenized instructions (prompt applied, no BOS/EOS), right-padded."""
+
+    ids: torch.Tensor  # long [B, L]
+    mask: torch.Tensor  # bool [B, L]; False on padding
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A VLM as robovla uses it. Subclasses set the attributes below in ``__init__``.
+
+    Attributes:
+        hidden_size: D, the language model's hidden size.
+        cameras: cameras read, in sequence order (e.g. ``("gripper", "static")``).
+        image_size: square input side in pixels that :meth:`preprocess_images` produces.
+        prompt_template: how an instruction is worded, with ``{instruction}``.
+        lora_targets: default PEFT ``target_modules`` (a list of names or a regex).
+        bos_token_id, eos_token_id: the ids that open and close each sequence.
+    """
+
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    hidden_size: int
+    cameras: tuple[str, ...]
+    image_size: int
+    prompt_template: str
+    lora_targets: list[str] | str
+    bos_token_id: int
+    eos_token_id: int
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        self.config = config
+
+    @abc.abstractmethod
+    def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
+        """uint8 [M, H, W, 3] -> pixel values float [M, 3, image_size, image_size]."""
+
+    @abc.abstractmethod
+    def tokenize(self, instructions: list[str]) -> TextTokens:
+        """B instructions -> :class:`TextTokens` [B, L] with the prompt template applied."""
+
+    @abc.abstractmethod
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids long [*, L] -> input embeddings [*, L, D] (unscaled, as the LM expects)."""
+
+    @abc.abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor, camera: str) -> torch.Tensor:
+        """Pixel values [M, 3, H, W] -> image tokens [M, N, D] in the text embedding space."""
+
+    @abc.abstractmethod
+    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the language model on embeddings [M, S, D] with mask bool [M, S] -> final hidden states [M, S, D]."""
+
+    @abc.abstractmethod
+    def freeze_groups(self) -> dict[str, list[nn.Module]]:
+        """Named parameter groups that can be frozen: at least ``vision``, ``text_embedding``, ``decoder``."""

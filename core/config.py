@@ -1,0 +1,291 @@
+"""Run configuration: the core sections, component configs, and how sources compose.
+
+A run config has one section per chosen component (``backbone``, ``head``, ``dataset``,
+``action_space``; each holds ``name`` plus that component's own fields) and the core
+sections ``train``, ``fabric`` and ``lora``. Sources apply in this order, later wins:
+
+1. field defaults,
+2. a preset from registry.toml (``--preset NAME``; registry.toml names the default one),
+3. a TOML file (``--config FILE``, e.g. a saved ``config.toml``),
+4. command-line flags (``--head lstm``, ``--train.lr 1e-4``).
+
+When a later source picks a different component (``--backbone paligemma`` over a preset
+that used kosmos), the earlier fields of that section are dropped: they belonged to the
+other component. Validation collects every problem and raises one :class:`ConfigError`
+whose lines use the command-line spelling and say which source gave the value.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from robovla.errors import ConfigError, RobovlaError, unknown
+
+RUN_KINDS = ("backbone", "head", "dataset", "action_space")
+"""The component sections of a training run, in the order they are resolved."""
+
+
+class ComponentConfig(BaseModel):
+    """Base of every config model: unknown fields are errors, every field is described.
+
+    A component declares ``class Config(ComponentConfig)`` with fields written as
+    ``size: int = Field(256, description="...")``; the description becomes ``--help``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        bad = [n for n, f in cls.model_fields.items() if not (f.description or "").strip()]
+        if bad:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__}: fields {bad} have no description; "
+                            "write them as Field(default, description='...')")
+        if "name" in cls.model_fields:
+            raise TypeError(f"{cls.__module__}.{cls.__qualname__}: 'name' is reserved (it holds the "
+                            "component's registered name in a run config); rename the field")
+
+
+class TrainConfig(ComponentConfig):
+    """What to train and for how long (section ``train``)."""
+
+    run_name: str | None = Field(None, description="run folder name under output_dir; default: <backbone>-<head>-<date>-<time>")
+    output_dir: Path = Field(Path("runs"), description="folder that holds the run folders")
+    seed: int = Field(123, description="random seed (each process adds its rank)")
+    window: int = Field(8, ge=1, description="T: history frames per training sample")
+    chunk: int = Field(10, ge=1, description="C: future actions predicted per step (the current one first)")
+    batch_size: int = Field(8, ge=1, description="samples per device per step (before gradient accumulation)")
+    epochs: float = Field(5, gt=0, description="passes over the training windows")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to norms, biases and [LRN]")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate shape after warmup")
+    warmup_epochs: float = Field(0.25, ge=0, description="linear warmup length in epochs (added to warmup_steps)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup length in steps (added to warmup_epochs)")
+    min_lr_scale: float = Field(0.01, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; none: no clipping")
+    val_every: int | None = Field(None, ge=1, description="validate every N steps; none: at each epoch end")
+    log_every: int = Field(10, ge=1, description="write training metrics every N steps")
+    checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
+    num_workers: int = Field(2, ge=0, description="data-loading worker processes per device")
+
+
+class FabricConfig(ComponentConfig):
+    """Where and how to run, passed to Lightning Fabric (section ``fabric``)."""
+
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = Field("auto", description="device type")
+    devices: int | Literal["auto"] = Field("auto", description="devices per node, or auto")
+    num_nodes: int = Field(1, ge=1, description="machines taking part in the run")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed"] = Field("auto", description="distribution strategy")
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = Field(
+        "32-true", description="numeric precision; bf16-mixed on GPUs that support it")
+
+
+class LoraConfig(ComponentConfig):
+    """Low-rank adaptation of the backbone through PEFT (section ``lora``).
+
+    [LRN] and the policy head always stay fully trainable.
+    """
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of all backbone weights")
+    r: int = Field(64, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="adapter scale numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    targets: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names or patterns to adapt; none: the backbone's default targets")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases to train")
+
+
+SECTIONS: dict[str, type[ComponentConfig]] = {"train": TrainConfig, "fabric": FabricConfig, "lora": LoraConfig}
+META = "meta"  # written into saved configs (versions, providers); ignored when read back
+
+
+def flag(section: str, field: str | None = None) -> str:
+    """The command-line spelling: ``flag("action_space", "low") == "--action-space.low"``."""
+    return f"--{section.replace('_', '-')}" + (f".{field}" if field else "")
+
+
+class Choice(typing.NamedTuple):
+    """A chosen component: its registered name and its validated config."""
+
+    name: str
+    config: ComponentConfig
+
+
+class RunConfig(typing.NamedTuple):
+    """A resolved, validated run configuration."""
+
+    backbone: Choice
+    head: Choice
+    dataset: Choice
+    action_space: Choice
+    train: TrainConfig
+    fabric: FabricConfig
+    lora: LoraConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (TOML-ready: None values are left out, paths become strings)."""
+        out = {}
+        for key in self._fields:
+            value = getattr(self, key)
+            body = {"name": value.name, **value.config.model_dump(mode="json")} if isinstance(value, Choice) \
+                else value.model_dump(mode="json")
+            out[key] = {k: v for k, v in body.items() if v is not None}
+        return out
+
+
+# --------------------------------------------------------------------------- composing
+
+
+Layer = tuple[str, dict[str, dict[str, Any]]]  # (source label, {section: {field: value}})
+
+
+def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """Merge sources (later wins) and remember which source set each value."""
+    data: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    for label, layer in layers:
+        for section, values in layer.items():
+            if section == META:
+                continue
+            if not isinstance(values, dict):
+                data[section] = values  # reported by validate()
+                origin[(section, "")] = label
+                continue
+            current = data.setdefault(section, {})
+            if "name" in values and current.get("name") not in (None, values["name"]):
+                current.clear()  # another component: its predecessor's fields do not apply
+            for field_name, value in values.items():
+                current[field_name] = value
+                origin[(section, field_name)] = label
+    return data, origin
+
+
+def _coerce_cli(annotation: Any, text: str) -> Any:
+    """Turn a command-line string into what the field's type expects, where pydantic won't."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if text.lower() in ("none", "null") and type(None) in args:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        if any(typing.get_origin(a) in (list, tuple, set) for a in args) and text.startswith("["):
+            return _coerce_cli(list, text)
+        return text
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        if text.startswith("["):
+            from robovla.registry_file import toml_value
+
+            return toml_value(text)
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
+
+
+def cli_layer(flags: list[tuple[str, str]], models: dict[str, type[BaseModel]]) -> dict[str, dict[str, Any]]:
+    """``[("train.lr", "1e-4"), ("head", "lstm")]`` -> ``{"train": {"lr": "1e-4"}, "head": {"name": "lstm"}}``.
+
+    Values stay strings for pydantic to convert, except lists and none, which it cannot.
+    """
+    layer: dict[str, dict[str, Any]] = {}
+    for key, text in flags:
+        section, _, field_name = key.replace("-", "_").partition(".")
+        field_name = field_name or "name"
+        model = models.get(section)
+        info = model.model_fields.get(field_name) if model is not None else None
+        layer.setdefault(section, {})[field_name] = _coerce_cli(info.annotation, text) if info else text
+    return layer
+
+
+def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel], origin: dict) -> list[str]:
+    out = []
+    for err in exc.errors():
+        field_name = ".".join(str(p) for p in err["loc"])
+        where = flag(section, field_name)
+        src = origin.get((section, str(err["loc"][0])) if err["loc"] else (section, ""), "defaults")
+        if err["type"] == "extra_forbidden":
+            valid = list(model.model_fields)
+            out.append(f"{where}: {unknown(f'field of {flag(section)}', str(err['loc'][0]), valid)} (from {src})")
+        else:
+            out.append(f"{where}: {err['msg']}, got {err['input']!r} (from {src})")
+    return out
+
+
+def validate_section(section: str, model: type[ComponentConfig], values: dict[str, Any],
+                     origin: dict | None = None) -> tuple[ComponentConfig | None, list[str]]:
+    """Validate one section; returns (config, []) or (None, problems)."""
+    try:
+        return model.model_validate(values), []
+    except pydantic.ValidationError as exc:
+        return None, _problems(exc, section, model, origin or {})
+
+
+def validate_component(kind: str, name: str, model: type[ComponentConfig], values: dict[str, Any]) -> ComponentConfig:
+    """Validate a component's config or raise ConfigError (used by :func:`robovla.create`)."""
+    config, problems = validate_section(kind, model, values)
+    if problems:
+        raise ConfigError(problems, header=f"invalid config for {kind} {name!r}")
+    return config
+
+
+def component_models(data: dict[str, dict[str, Any]]) -> tuple[dict[str, type[BaseModel]], list[str]]:
+    """The config model of each chosen component in ``data``, and the problems finding them."""
+    from robovla.registry import get_component
+
+    models: dict[str, type[BaseModel]] = dict(SECTIONS)
+    problems = []
+    for kind in RUN_KINDS:
+        name = (data.get(kind) or {}).get("name") if isinstance(data.get(kind), dict) else None
+        if name is None:
+            problems.append(f"{flag(kind)}: no {kind.replace('_', ' ')} chosen; pass {flag(kind)} NAME")
+            continue
+        try:
+            models[kind] = get_component(kind, str(name)).load().Config
+        except RobovlaError as exc:
+            problems.append(f"{flag(kind)}: {exc}")
+    return models, problems
+
+
+def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str] | None = None) -> RunConfig:
+    """Check merged data against the chosen components and core sections; raise once."""
+    origin = origin or {}
+    models, problems = component_models(data)
+    known = list(SECTIONS) + list(RUN_KINDS)
+    for section in data:
+        if section not in known:
+            src = origin.get((section, ""), next((v for (s, _), v in origin.items() if s == section), "?"))
+            problems.append(f"{flag(section)}: {unknown('section', section, known)} (from {src})")
+        elif not isinstance(data[section], dict):
+            problems.append(f"{flag(section)}: expected a table of fields, got {data[section]!r}")
+    parts: dict[str, Any] = {}
+    for section, model in models.items():
+        values = dict(data.get(section) or {}) if isinstance(data.get(section, {}), dict) else {}
+        name = values.pop("name", None)
+        config, found = validate_section(section, model, values, origin)
+        problems += found
+        parts[section] = Choice(str(name), config) if section in RUN_KINDS else config
+    if problems:
+        raise ConfigError(problems)
+    return RunConfig(**parts)
+
+
+def resolve(preset: str | None = None, config_file: str | Path | None = None,
+            flags: list[tuple[str, str]] = ()) -> RunConfig:
+    """Compose defaults, preset, config file and flags into a validated :class:`RunConfig`."""
+    from robovla import registry_file
+
+    layers: list[Layer] = []
+    preset = preset or registry_file.default_preset()
+    if preset:
+        layers.append((f"preset {preset}", registry_file.preset(preset)))
+    if config_file is not None:
+        layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file))))
+    partial, _ = merge(layers + [("command line", cli_layer(list(flags), {}))])
+    models, _ = component_models(partial)
+    layers.append(("command line", cli_layer(list(flags), models)))
+    return validate(*merge(layers))

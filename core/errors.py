@@ -1,0 +1,60 @@
+"""Exceptions robovla raises for user-facing problems, and the closest-match helper.
+
+Every message names the thing, the place (flag, file, key, plugin, entry point) and the
+fix. The command line prints these messages as they are, without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class RobovlaError(Exception):
+    """Base class of the errors robovla raises for problems a user can fix."""
+
+
+class ConfigError(RobovlaError, ValueError):
+    """A run configuration is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], header: str = "invalid configuration"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{header} ({n} problem{'s' * (n != 1)}):\n{lines}")
+
+
+class UnknownNameError(RobovlaError, KeyError):
+    """A name (component, preset, field, section) is not one of the valid ones."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return self.message
+
+
+class PluginError(RobovlaError, RuntimeError):
+    """A plugin failed to load, raised inside its hook, or registered something unusable."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice most similar to ``name`` (difflib ratio >= 0.6), or None."""
+    found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown(what: str, name: str, choices: Iterable[str], hint: str = "") -> UnknownNameError:
+    """Build the standard "unknown X" error: the valid names and the closest match.
+
+    >>> str(unknown("head", "lstn", ["lstm", "mlp"]))
+    "unknown head 'lstn'; did you mean 'lstm'? Valid: lstm, mlp"
+    """
+    choices = sorted(choices)
+    near = closest(name, choices)
+    msg = f"unknown {what} {name!r}" + (f"; did you mean {near!r}?" if near else ".")
+    msg += f" Valid: {', '.join(choices)}" if choices else f" No {what} is available."
+    if hint:
+        msg += f"\n{hint}"
+    return UnknownNameError(msg)

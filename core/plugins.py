@@ -1,0 +1,137 @@
+"""Find and load plugins: every entry point of group ``robovla``, each kept apart.
+
+A plugin that fails to import, or whose hooks do not match the hookspecs, is recorded with
+its error and never stops the others from loading. ``ROBOVLA_PLUGINS`` (comma-separated
+distribution or entry-point names; empty means none) is an allow list and
+``ROBOVLA_DISABLE_PLUGINS`` a block list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from dataclasses import dataclass
+from importlib import metadata
+
+import pluggy
+
+from robovla import hookspecs
+from robovla.errors import closest
+
+GROUP = "robovla"
+HOOKS = [n for n in vars(hookspecs) if n.startswith("register_")]
+
+
+@dataclass
+class PluginInfo:
+    """Where a plugin comes from, and why it is broken (``error``) if it is."""
+
+    name: str  # "<distribution>:<entry point name>", the key in the plugin manager
+    distribution: str
+    version: str
+    entry_point: str  # "lstm = robovla_plugins.heads.lstm", as written in pyproject.toml
+    module: str
+    error: str | None = None
+
+
+_pm: pluggy.PluginManager | None = None
+_infos: dict[str, PluginInfo] = {}
+generation = 0  # bumped on every change, so the registry knows to rebuild
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _env_names(var: str) -> set[str] | None:
+    value = os.environ.get(var)
+    return None if value is None else {_norm(v) for v in value.split(",") if v.strip()}
+
+
+def manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with the installed entry points loaded once."""
+    global _pm
+    if _pm is None:
+        _pm = pluggy.PluginManager("robovla")
+        _pm.add_hookspecs(hookspecs)
+        _load_entry_points()
+    return _pm
+
+
+def infos() -> dict[str, PluginInfo]:
+    """Every plugin seen, loaded or broken, keyed by plugin name."""
+    manager()
+    return _infos
+
+
+def _load_entry_points() -> None:
+    allow, deny = _env_names("ROBOVLA_PLUGINS"), _env_names("ROBOVLA_DISABLE_PLUGINS") or set()
+    seen, matched = set(), set()
+    for dist in metadata.distributions():
+        dist_name = dist.metadata["Name"] or "?"
+        for ep in dist.entry_points.select(group=GROUP):
+            key = f"{dist_name}:{ep.name}"
+            if key in seen:  # the same distribution found twice on sys.path
+                continue
+            seen.add(key)
+            ids = {_norm(dist_name), _norm(ep.name)}
+            if (allow is not None and not ids & allow) or ids & deny:
+                continue
+            matched |= ids
+            info = PluginInfo(key, dist_name, dist.version, f"{ep.name} = {ep.value}", ep.module)
+            try:
+                module = ep.load()
+            except Exception as exc:  # any failure: keep it, load the others
+                info.error = _describe(exc, f"importing module {ep.module!r} failed")
+                _infos[key] = info
+                continue
+            add(module, info)
+    for name in sorted((allow or set()) - matched):
+        _infos[f"{name}:?"] = PluginInfo(
+            f"{name}:?", name, "", "", "",
+            error=f"ROBOVLA_PLUGINS names {name!r}, but no installed distribution has an "
+            f"entry point of that name in group {GROUP!r}; install it or remove it from "
+            "ROBOVLA_PLUGINS",
+        )
+
+
+def add(module: object, info: PluginInfo) -> PluginInfo:
+    """Register ``module`` (a module or object with @hookimpl functions) as plugin ``info``.
+
+    Hooks are checked against the specs; a mismatch marks the plugin broken instead of
+    raising, so that the other plugins keep working.
+    """
+    global generation
+    pm = manager()
+    try:
+        pm.register(module, name=info.name)
+        for caller in pm.get_hookcallers(module) or []:
+            if not caller.has_spec():
+                near = closest(caller.name, HOOKS)
+                pm.unregister(module)
+                raise pluggy.PluginValidationError(
+                    module, f"hookimpl {caller.name!r} matches no robovla hook"
+                    + (f"; did you mean {near!r}?" if near else "")
+                    + f" Valid hooks: {', '.join(HOOKS)}",
+                )
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        info.error = _describe(exc, "its hooks do not match robovla's hookspecs")
+    _infos[info.name] = info
+    generation += 1
+    return info
+
+
+def remove(name: str) -> None:
+    """Unregister plugin ``name`` (as given to :func:`add`); used by tests."""
+    global generation
+    pm = manager()
+    if pm.has_plugin(name):
+        pm.unregister(name=name)
+    _infos.pop(name, None)
+    generation += 1
+
+
+def _describe(exc: BaseException, what: str) -> str:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"{what}: {type(exc).__name__}: {exc}\n{tb.rstrip()}"

@@ -1,0 +1,202 @@
+"""The component registry: what the installed plugins registered, in timm's spirit.
+
+    >>> import robovla
+    >>> robovla.list_components("head", "l*")          # fnmatch wildcards, natural sort
+    >>> robovla.get_component("head", "lstm").load()   # the class, imported on first use
+    >>> robovla.create("head", "lstm", {"hidden_size": 64}, dims=dims)
+
+Each plugin's hooks are called one plugin at a time, so that every registration carries
+its provider and one plugin's failure stays its own. A component of a broken plugin, and a
+name that two providers registered, are listed but raise a full report when used.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from robovla import plugins
+from robovla.errors import PluginError, RobovlaError, unknown
+from robovla.plugins import PluginInfo
+
+#: kind -> (hook, interface class as "module:attr", command-line flag)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "backbone": ("register_backbones", "robovla.backbone:Backbone", "--backbone"),
+    "head": ("register_heads", "robovla.head:PolicyHead", "--head"),
+    "action_space": ("register_action_spaces", "robovla.action_space:ActionSpace", "--action-space"),
+    "dataset": ("register_datasets", "robovla.dataset:Dataset", "--dataset"),
+    "env": ("register_envs", "robovla.env:Env", "--env"),
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def _import(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def broken_report(info: PluginInfo, error: str) -> str:
+    """The standard text for a broken plugin: who, where, the cause and the fix."""
+    missing = re.search(r"No module named '([^'.]+)", error)
+    fix = f"pip install {missing.group(1)}  (the plugin needs it), or " if missing else ""
+    return (
+        f"plugin {info.distribution} {info.version} (entry point '{info.entry_point}') is broken: "
+        f"{error}\nFix: {fix}upgrade or reinstall {info.distribution}, or disable it with "
+        f"ROBOVLA_DISABLE_PLUGINS={info.distribution}"
+    )
+
+
+@dataclass
+class Component:
+    """One registration: a kind, a name, its class (or a lazy reference) and its provider."""
+
+    kind: str
+    name: str
+    target: Any  # the class, or "module:Class" to import on first use
+    plugin: PluginInfo
+    error: str | None = None  # set when the component cannot be used, with the reason
+    _cls: type | None = field(default=None, repr=False)
+
+    @property
+    def module(self) -> str:
+        return self.target.split(":")[0] if isinstance(self.target, str) else self.target.__module__
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "error"
+
+    def load(self) -> type:
+        """The component class: imported if it was registered lazily, and checked."""
+        label = f"{self.kind} {self.name!r}"
+        if self.error is not None:
+            raise PluginError(f"{label} cannot be used: {self.error}")
+        if self._cls is None:
+            try:
+                cls = _import(self.target) if isinstance(self.target, str) else self.target
+            except Exception as exc:
+                self.error = broken_report(self.plugin, plugins._describe(exc, f"importing {self.target!r} failed"))
+                raise PluginError(f"{label} cannot be used: {self.error}") from exc
+            interface = _import(KINDS[self.kind][1])
+            if not (isinstance(cls, type) and issubclass(cls, interface)):
+                raise PluginError(
+                    f"{label} from {self.plugin.distribution} is {cls!r}, which is not a subclass of "
+                    f"robovla.{interface.__name__}. Fix: derive it from robovla.{interface.__name__}"
+                )
+            self._cls = cls
+        return self._cls
+
+
+class Registry:
+    """Every component the loaded plugins registered, built by calling their hooks."""
+
+    def __init__(self) -> None:
+        pm = plugins.manager()
+        self.generation = plugins.generation
+        self.components: list[Component] = []
+        self.errors = {name: i.error for name, i in plugins.infos().items() if i.error}
+        for kind, (hook, _, _) in KINDS.items():
+            for impl in getattr(pm.hook, hook).get_hookimpls():
+                info = plugins.infos()[impl.plugin_name]
+                added: list[Component] = []
+
+                def register(name: str, component: Any, _kind=kind, _info=info, _added=added) -> None:
+                    if not isinstance(name, str) or not _NAME.match(name):
+                        raise RobovlaError(f"{_kind} name {name!r} is invalid: use lowercase letters, "
+                                           "digits, '-', '_' or '.', starting with a letter or digit")
+                    if not (isinstance(component, type) or (isinstance(component, str) and ":" in component)):
+                        raise RobovlaError(f"{_kind} {name!r}: register a class or a 'module:Class' "
+                                           f"string, not {component!r}")
+                    _added.append(Component(_kind, name, component, _info))
+
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    prior = self.errors.get(info.name, "")
+                    self.errors[info.name] = prior + plugins._describe(exc, f"its hook {hook} raised")
+                self.components += added
+        for c in self.components:
+            if c.plugin.name in self.errors:
+                c.error = broken_report(c.plugin, self.errors[c.plugin.name])
+        self._mark_collisions()
+
+    def _mark_collisions(self) -> None:
+        by_key: dict[tuple[str, str], list[Component]] = {}
+        for c in self.components:
+            by_key.setdefault((c.kind, c.name), []).append(c)
+        for (kind, name), same in by_key.items():
+            if len(same) > 1:
+                who = " and ".join(f"{c.plugin.distribution} {c.plugin.version} ({c.module})" for c in same)
+                for c in same:
+                    c.error = (f"{kind} name {name!r} is registered by {who}. Fix: uninstall one, or "
+                               "disable one with ROBOVLA_DISABLE_PLUGINS=<distribution>")
+
+    def get(self, kind: str, name: str) -> Component:
+        _check_kind(kind)
+        for c in self.components:
+            if c.kind == kind and c.name == name:
+                return c
+        hint = "".join(f"\nNote: {broken_report(plugins.infos()[p], e).splitlines()[0]}"
+                       for p, e in self.errors.items() if p in plugins.infos())
+        names = {c.name for c in self.components if c.kind == kind}
+        raise unknown(kind.replace("_", " "), name, names, hint.lstrip("\n"))
+
+
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The registry for the plugins loaded now (rebuilt when a plugin is added or removed)."""
+    global _registry
+    if _registry is None or _registry.generation != plugins.generation:
+        _registry = Registry()
+    return _registry
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise unknown("component kind", kind, KINDS)
+
+
+def _natural(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_components(kind: str, filter: str | list[str] = "*", exclude: str | list[str] = (),
+                    distribution: str | None = None) -> list[str]:
+    """Names of the usable components of ``kind`` matching ``filter`` (fnmatch), naturally sorted."""
+    _check_kind(kind)
+    inc = [filter] if isinstance(filter, str) else list(filter)
+    exc = [exclude] if isinstance(exclude, str) else list(exclude)
+    names = {
+        c.name for c in registry().components
+        if c.kind == kind and c.error is None
+        and (distribution is None or c.plugin.distribution == distribution)
+        and any(fnmatch.fnmatchcase(c.name, p) for p in inc)
+        and not any(fnmatch.fnmatchcase(c.name, p) for p in exc)
+    }
+    return sorted(names, key=_natural)
+
+
+def get_component(kind: str, name: str) -> Component:
+    """The registration of ``name``; raises with the valid names and the closest match."""
+    return registry().get(kind, name)
+
+
+def create(kind: str, name: str, config: Any = None, /, **kwargs: Any) -> Any:
+    """Build component ``name``: ``cls(config, **kwargs)``.
+
+    ``config`` is the component's ``Config`` instance, a dict of field overrides (checked,
+    errors spelled as ``--<kind>.<field>``), or None for the defaults.
+    """
+    from robovla.config import validate_component
+
+    cls = get_component(kind, name).load()
+    if not isinstance(config, cls.Config):
+        config = validate_component(kind, name, cls.Config, dict(config or {}))
+    return cls(config, **kwargs)
