@@ -25,7 +25,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from robovla.errors import ConfigError, RobovlaError, unknown
+from robovla.errors import ConfigError, RobovlaError, UnknownNameError, unknown
 
 RUN_KINDS = ("backbone", "head", "dataset", "action_space")
 """The component sections of a training run, in the order they are resolved."""
@@ -53,7 +53,7 @@ class ComponentConfig(BaseModel):
 
 
 class TrainConfig(ComponentConfig):
-    """What to train and for how long (section ``train``)."""
+    """What to train and for how long."""
 
     run_name: str | None = Field(None, description="run folder name under output_dir; default: <backbone>-<head>-<date>-<time>")
     output_dir: Path = Field(Path("runs"), description="folder that holds the run folders")
@@ -78,7 +78,7 @@ class TrainConfig(ComponentConfig):
 
 
 class FabricConfig(ComponentConfig):
-    """Where and how to run, passed to Lightning Fabric (section ``fabric``)."""
+    """Where and how to run, passed to Lightning Fabric."""
 
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = Field("auto", description="device type")
     devices: int | Literal["auto"] = Field("auto", description="devices per node, or auto")
@@ -89,10 +89,7 @@ class FabricConfig(ComponentConfig):
 
 
 class LoraConfig(ComponentConfig):
-    """Low-rank adaptation of the backbone through PEFT (section ``lora``).
-
-    [LRN] and the policy head always stay fully trainable.
-    """
+    """Low-rank adaptation of the backbone through PEFT; [LRN] and the head stay fully trained."""
 
     enabled: bool = Field(False, description="train LoRA adapters instead of all backbone weights")
     r: int = Field(64, ge=1, description="adapter rank")
@@ -169,16 +166,19 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
 
 
 def _coerce_cli(annotation: Any, text: str) -> Any:
-    """Turn a command-line string into what the field's type expects, where pydantic won't."""
+    """Turn a command-line string into what the field's type expects, where pydantic won't:
+    none for optional fields, and lists (``a,b`` or TOML ``["a", "b"]``)."""
     args = typing.get_args(annotation)
     origin = typing.get_origin(annotation)
-    if text.lower() in ("none", "null") and type(None) in args:
-        return None
     if origin in (typing.Union, types.UnionType):
-        if any(typing.get_origin(a) in (list, tuple, set) for a in args) and text.startswith("["):
-            return _coerce_cli(list, text)
-        return text
-    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+        if text in literals:
+            return text
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        sequence = next((a for a in args if (typing.get_origin(a) or a) in (list, tuple, set)), None)
+        return text if sequence is None else _coerce_cli(sequence, text)
+    if (origin or annotation) in (list, tuple, set):
         if text.startswith("["):
             from robovla.registry_file import toml_value
 
@@ -203,16 +203,26 @@ def cli_layer(flags: list[tuple[str, str]], models: dict[str, type[BaseModel]]) 
 
 
 def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel], origin: dict) -> list[str]:
-    out = []
+    """One line per problem, spelled as flags; the branches of a union become one line."""
+    by_field: dict[str, list[dict]] = {}
     for err in exc.errors():
-        field_name = ".".join(str(p) for p in err["loc"])
-        where = flag(section, field_name)
-        src = origin.get((section, str(err["loc"][0])) if err["loc"] else (section, ""), "defaults")
-        if err["type"] == "extra_forbidden":
+        by_field.setdefault(str(err["loc"][0]) if err["loc"] else "", []).append(err)
+    out = []
+    for field_name, errs in by_field.items():
+        src = origin.get((section, field_name))
+        src = f" (from {src})" if src else ""
+        first = errs[0]
+        if first["type"] == "extra_forbidden":
             valid = list(model.model_fields)
-            out.append(f"{where}: {unknown(f'field of {flag(section)}', str(err['loc'][0]), valid)} (from {src})")
+            out.append(f"{flag(section, field_name)}: {unknown('field', field_name, valid)}{src}")
+        elif len(errs) > 1 and all(len(e["loc"]) > 1 and isinstance(e["loc"][1], str) for e in errs):
+            branches = "; ".join(f"as {e['loc'][1]}: {e['msg']}" for e in errs)
+            out.append(f"{flag(section, field_name)}: got {first['input']!r}{src}, which fits no "
+                       f"allowed type ({branches})")
         else:
-            out.append(f"{where}: {err['msg']}, got {err['input']!r} (from {src})")
+            for err in errs:
+                where = flag(section, ".".join(str(p) for p in err["loc"]))
+                out.append(f"{where}: {err['msg']}, got {err['input']!r}{src}")
     return out
 
 
@@ -233,7 +243,7 @@ def validate_component(kind: str, name: str, model: type[ComponentConfig], value
     return config
 
 
-def component_models(data: dict[str, dict[str, Any]]) -> tuple[dict[str, type[BaseModel]], list[str]]:
+def component_models(data: dict[str, dict[str, Any]], origin: dict | None = None) -> tuple[dict[str, type[BaseModel]], list[str]]:
     """The config model of each chosen component in ``data``, and the problems finding them."""
     from robovla.registry import get_component
 
@@ -241,25 +251,32 @@ def component_models(data: dict[str, dict[str, Any]]) -> tuple[dict[str, type[Ba
     problems = []
     for kind in RUN_KINDS:
         name = (data.get(kind) or {}).get("name") if isinstance(data.get(kind), dict) else None
+        what = kind.replace("_", " ")
         if name is None:
-            problems.append(f"{flag(kind)}: no {kind.replace('_', ' ')} chosen; pass {flag(kind)} NAME")
+            problems.append(f"{flag(kind)}: no {what} chosen; pass {flag(kind)} NAME")
             continue
         try:
             models[kind] = get_component(kind, str(name)).load().Config
+        except UnknownNameError as exc:
+            src = (origin or {}).get((kind, "name"), "defaults")
+            problems.append(f"{flag(kind)} {name} (from {src}): {exc}\nFix: install a plugin that provides "
+                            f"{what} {name!r}, or choose another with {flag(kind)} NAME; `robo-run plugins` "
+                            "lists what is installed")
         except RobovlaError as exc:
-            problems.append(f"{flag(kind)}: {exc}")
+            problems.append(f"{flag(kind)} {name}: {exc}")
     return models, problems
 
 
 def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str] | None = None) -> RunConfig:
     """Check merged data against the chosen components and core sections; raise once."""
     origin = origin or {}
-    models, problems = component_models(data)
+    models, problems = component_models(data, origin)
     known = list(SECTIONS) + list(RUN_KINDS)
     for section in data:
         if section not in known:
             src = origin.get((section, ""), next((v for (s, _), v in origin.items() if s == section), "?"))
-            problems.append(f"{flag(section)}: {unknown('section', section, known)} (from {src})")
+            valid = [flag(k) for k in known]
+            problems.append(f"{flag(section)}: {unknown('section', flag(section), valid)} (from {src})")
         elif not isinstance(data[section], dict):
             problems.append(f"{flag(section)}: expected a table of fields, got {data[section]!r}")
     parts: dict[str, Any] = {}

@@ -19,7 +19,7 @@ class ConfigError(RobovlaError, ValueError):
 
     def __init__(self, problems: list[str], header: str = "invalid configuration"):
         self.problems = list(problems)
-        lines = "\n".join(f"  {p}" for p in self.problems)
+        lines = "\n".join("  " + p.replace("\n", "\n    ") for p in self.problems)
         n = len(self.problems)
         super().__init__(f"{header} ({n} problem{'s' * (n != 1)}):\n{lines}")
 

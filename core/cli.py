@@ -1,0 +1,249 @@
+"""``robo-run``: the command line.
+
+    robo-run [train] [--preset NAME] [--config FILE] [--backbone NAME] [--backbone.FIELD VALUE] ...
+    robo-run config  [same flags]         print the resolved configuration as TOML
+    robo-run plugins [--json]             every registered component and broken plugin
+    robo-run presets [--json]             the named recipes in registry.toml
+    robo-run data | eval | serve ...      data tools, evaluation, the policy server
+
+Nothing here imports torch: commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from robovla import config as cfg
+from robovla import registry_file
+from robovla.errors import ConfigError, RobovlaError
+from robovla.registry import KINDS, registry
+
+RUN_FLAGS = ("--preset", "--config")
+GROUPS = {  # command groups whose subcommands arrive with their features
+    "data": "check, inspect and convert datasets",
+    "eval": "evaluate a trained run offline or in closed loop",
+    "serve": "serve a trained policy over the network",
+}
+
+
+# ------------------------------------------------------------------ run-flag grammar
+
+
+def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str]], bool]:
+    """Split ``argv`` into (--preset/--config, [(section.field, value)], wants_help).
+
+    Accepted forms: ``--head lstm``, ``--train.lr 1e-4``, ``--train.lr=1e-4``, and a bare
+    ``--lora.enabled`` (followed by another flag or nothing) meaning ``true``.
+    """
+    run: dict[str, str] = {}
+    flags: list[tuple[str, str]] = []
+    wants_help = False
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in ("-h", "--help"):
+            wants_help, i = True, i + 1
+            continue
+        if not token.startswith("--") or token == "--":
+            raise ConfigError([f"{token!r}: expected a flag such as --head NAME or --train.lr 1e-4"],
+                              header="cannot parse the command line")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if not has_value and ("." not in key or f"--{key}" in RUN_FLAGS):
+                raise ConfigError([f"--{key}: needs a value"], header="cannot parse the command line")
+            value, i = (argv[i + 1], i + 2) if has_value else ("true", i + 1)
+        else:
+            i += 1
+        if f"--{key}" in RUN_FLAGS:
+            run[key] = value
+        else:
+            flags.append((key, value))
+    return run, flags, wants_help
+
+
+def resolve(argv: list[str]) -> cfg.RunConfig:
+    run, flags, _ = parse_run_args(argv)
+    return cfg.resolve(run.get("preset"), run.get("config"), flags)
+
+
+# ------------------------------------------------------------------------- help text
+
+
+def _field_lines(section: str, model: type) -> list[str]:
+    lines = []
+    for name, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        lines.append(f"  {cfg.flag(section, name):<32} {info.description} (default: {default})")
+    return lines
+
+
+def run_help(command: str, argv: list[str]) -> str:
+    """Help for ``train``/``config``: components and their choices, then every field."""
+    _, flags, _ = parse_run_args([a for a in argv if a not in ("-h", "--help")])
+    chosen = {k.replace("-", "_"): v for k, v in flags if "." not in k}
+    reg = registry()
+    out = [f"usage: robo-run {command} [--preset NAME] [--config FILE] [--KIND NAME] [--SECTION.FIELD VALUE ...]",
+           "", "Sources, later wins: defaults < --preset (default: "
+           f"{registry_file.default_preset()}) < --config FILE.toml < flags.", "",
+           "  --preset NAME                    a named recipe from registry.toml (robo-run presets)",
+           "  --config FILE                    a TOML file, e.g. a run's config.toml", "", "components:"]
+    for kind in cfg.RUN_KINDS:
+        names = [c.name for c in reg.components if c.kind == kind and c.error is None]
+        what = ", ".join(names) if names else "(none installed)"
+        out.append(f"  {cfg.flag(kind) + ' NAME':<32} the {kind.replace('_', ' ')}; one of: {what}")
+    for kind in cfg.RUN_KINDS:
+        if kind in chosen:
+            model = reg.get(kind, chosen[kind]).load().Config
+            out += ["", f"{kind} {chosen[kind]!r}:"] + (_field_lines(kind, model) or ["  (no fields)"])
+    if not chosen:
+        out += ["", "Add --backbone NAME (or another component) to --help to list its fields."]
+    for section, model in cfg.SECTIONS.items():
+        out += ["", f"{section}: {model.__doc__.splitlines()[0]}"] + _field_lines(section, model)
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------- commands
+
+
+def cmd_config(argv: list[str]) -> int:
+    import tomli_w
+
+    run = resolve(argv)
+    reg = registry()
+    data = run.to_dict()
+    from robovla import __version__
+
+    meta: dict[str, Any] = {"robovla": __version__}
+    for kind in cfg.RUN_KINDS:
+        c = reg.get(kind, getattr(run, kind).name)
+        meta[kind] = f"{c.plugin.distribution} {c.plugin.version} ({c.module})"
+    sys.stdout.write(tomli_w.dumps({**data, cfg.META: meta}))
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    resolve(argv)  # names every missing component and every bad field
+    raise RobovlaError("the configuration is valid, but this robovla version has no training loop yet; "
+                       "`robo-run config` prints the resolved run")
+
+
+def plugin_rows() -> list[dict[str, Any]]:
+    """One row per component, plus one per broken plugin (kind "plugin")."""
+    from robovla import plugins
+
+    reg = registry()
+    rows = [dict(kind=c.kind, name=c.name, distribution=c.plugin.distribution, version=c.plugin.version,
+                 module=c.module, entry_point=c.plugin.entry_point, status=c.status, error=c.error)
+            for c in reg.components]
+    for key, error in reg.errors.items():
+        info = plugins.infos()[key]
+        rows.append(dict(kind="plugin", name=info.entry_point.split(" = ")[0] or info.distribution,
+                         distribution=info.distribution, version=info.version, module=info.module,
+                         entry_point=info.entry_point, status="error", error=error))
+    return rows
+
+
+def cmd_plugins(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="robo-run plugins", description="List registered components and broken plugins.")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    args = p.parse_args(argv)
+    rows = plugin_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["kind", "name", "distribution", "version", "module", "status"]
+    table = [[str(r[c]) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
+    for line in [[c.upper() for c in cols]] + table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    if not rows:
+        print("(no plugins installed)")
+    for r in rows:
+        if r["error"]:
+            first = r["error"].splitlines()
+            print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: {first[0]}")
+            print("\n".join(line for line in first if line.startswith("Fix:")))
+    return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="robo-run presets", description="List the named recipes in registry.toml.")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    args = p.parse_args(argv)
+    presets = registry_file.presets()
+    if args.json:
+        print(json.dumps(presets, indent=2))
+        return 0
+    default = registry_file.default_preset()
+    for name, table in presets.items():
+        mark = " (default)" if name == default else ""
+        print(f"{name}{mark}\n  {table.get('description', '')}")
+    return 0
+
+
+def cmd_group(group: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        raise RobovlaError(f"`robo-run {group}` ({GROUPS[group]}) has no subcommands in this robovla version")
+    return run
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (cmd_train, "train a policy (the default command)"),
+    "config": (cmd_config, "print the resolved configuration as TOML"),
+    "plugins": (cmd_plugins, "list registered components and broken plugins"),
+    "presets": (cmd_presets, "list the named recipes in registry.toml"),
+    **{g: (cmd_group(g), text) for g, text in GROUPS.items()},
+}
+
+
+def main_help() -> str:
+    from robovla import __version__
+
+    lines = [f"robo-run {__version__}: vision-language models as robot policies", "",
+             "usage: robo-run [COMMAND] [FLAGS]   (no command means train)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `robo-run COMMAND --help` for a command's flags. Flags of train and config:", ""]
+    return "\n".join(lines) + run_help("train", [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "train"
+    if argv and argv[0] in COMMANDS:
+        command, argv = argv[0], argv[1:]
+    elif argv and argv[0] in ("-V", "--version"):
+        from robovla import __version__
+
+        print(f"robo-run {__version__}")
+        return 0
+    elif argv and not argv[0].startswith("-"):
+        print(f"robo-run: error: {_unknown_command(argv[0])}", file=sys.stderr)
+        return 2
+    try:
+        if command in ("train", "config") and any(a in ("-h", "--help") for a in argv):
+            print(main_help() if command == "train" and argv in (["-h"], ["--help"]) else run_help(command, argv))
+            return 0
+        if command in GROUPS and any(a in ("-h", "--help") for a in argv):
+            print(f"usage: robo-run {command} ...\n\n{GROUPS[command]}; no subcommands in this version")
+            return 0
+        return COMMANDS[command][0](argv)
+    except ConfigError as exc:
+        print(f"robo-run {command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RobovlaError as exc:
+        print(f"robo-run {command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _unknown_command(name: str) -> str:
+    from robovla.errors import unknown
+
+    return str(unknown("command", name, COMMANDS, "Run `robo-run --help` for the grammar."))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
