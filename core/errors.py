@@ -7,6 +7,7 @@ fix. The command line prints these messages as they are, without a traceback.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -39,6 +40,11 @@ class PluginError(RobovlaError, RuntimeError):
     """A plugin failed to load, raised inside its hook, or registered something unusable."""
 
 
+def natural_key(name: str) -> list:
+    """Sort key that puts "rel-2" before "rel-10"."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice most similar to ``name`` (difflib ratio >= 0.6), or None."""
     found = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
@@ -51,7 +57,7 @@ def unknown(what: str, name: str, choices: Iterable[str], hint: str = "") -> Unk
     >>> str(unknown("head", "lstn", ["lstm", "mlp"]))
     "unknown head 'lstn'; did you mean 'lstm'? Valid: lstm, mlp"
     """
-    choices = sorted(choices)
+    choices = sorted(choices, key=natural_key)
     near = closest(name, choices)
     msg = f"unknown {what} {name!r}" + (f"; did you mean {near!r}?" if near else ".")
     msg += f" Valid: {', '.join(choices)}" if choices else f" No {what} is available."

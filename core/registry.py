@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from robovla import plugins
-from robovla.errors import PluginError, RobovlaError, unknown
+from robovla.errors import PluginError, RobovlaError, natural_key, unknown
 from robovla.plugins import PluginInfo
 
 #: kind -> (hook, interface class as "module:attr", command-line flag)
@@ -163,10 +163,6 @@ def _check_kind(kind: str) -> None:
         raise unknown("component kind", kind, KINDS)
 
 
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def list_components(kind: str, filter: str | list[str] = "*", exclude: str | list[str] = (),
                     distribution: str | None = None) -> list[str]:
     """Names of the usable components of ``kind`` matching ``filter`` (fnmatch), naturally sorted."""
@@ -180,7 +176,7 @@ def list_components(kind: str, filter: str | list[str] = "*", exclude: str | lis
         and any(fnmatch.fnmatchcase(c.name, p) for p in inc)
         and not any(fnmatch.fnmatchcase(c.name, p) for p in exc)
     }
-    return sorted(names, key=_natural)
+    return sorted(names, key=natural_key)
 
 
 def get_component(kind: str, name: str) -> Component:
