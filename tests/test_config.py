@@ -7,7 +7,7 @@ import robovla
 from robovla import config as cfg
 from robovla import registry_file
 from robovla.cli import parse_run_args
-from robovla.errors import ConfigError
+from robovla.errors import ConfigError, UnknownNameError
 
 from toy import PRESETS, Toy
 
@@ -61,7 +61,7 @@ def test_every_problem_is_reported_once_with_flag_spelling_and_source(toy, tmp_p
         "--lora, --train (from config file" in problems[1]
     assert "--train.window: Input should be greater than or equal to 1, got 0 (from config file" in problems[2]
     assert problems[3] == "--train.lr: Input should be a valid number, unable to parse string as a number, got 'fast' (from command line)"
-    assert problems[4] == ("--backbone.layer: unknown field 'layer'; did you mean 'layers'? Valid: path, layers "
+    assert problems[4] == ("--backbone.layer: unknown field 'layer'; did you mean 'layers'? Valid: layers, path "
                            "(from command line)")
     assert len(problems) == 5, problems  # --lora.targets 7 is a valid one-element list
     assert str(err.value).startswith("invalid configuration (5 problems):\n  --head lstn")
@@ -75,7 +75,7 @@ def test_missing_components_and_required_fields_are_named(toy):
     assert any(p.startswith("--train.lrr: unknown field 'lrr'; did you mean 'lr'?") for p in err.value.problems)
     with pytest.raises(ConfigError, match="--dataset.path: Field required"):
         resolve("--dataset", "toy-data", preset="broken-recipe")
-    with pytest.raises(ConfigError, match="unknown preset 'toy-recipes'; did you mean 'toy-recipe'"):
+    with pytest.raises(UnknownNameError, match="unknown preset 'toy-recipes'; did you mean 'toy-recipe'"):
         resolve(preset="toy-recipes")
 
 
