@@ -134,6 +134,7 @@ def cmd_train(argv: list[str]) -> int:
 def plugin_rows() -> list[dict[str, Any]]:
     """One row per component, plus one per broken plugin (kind "plugin")."""
     from robovla import plugins
+    from robovla.registry import broken_report
 
     reg = registry()
     rows = [dict(kind=c.kind, name=c.name, distribution=c.plugin.distribution, version=c.plugin.version,
@@ -143,7 +144,7 @@ def plugin_rows() -> list[dict[str, Any]]:
         info = plugins.infos()[key]
         rows.append(dict(kind="plugin", name=info.entry_point.split(" = ")[0] or info.distribution,
                          distribution=info.distribution, version=info.version, module=info.module,
-                         entry_point=info.entry_point, status="error", error=error))
+                         entry_point=info.entry_point, status="error", error=broken_report(info, error)))
     return rows
 
 
@@ -162,11 +163,13 @@ def cmd_plugins(argv: list[str]) -> int:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
     if not rows:
         print("(no plugins installed)")
-    for r in rows:
-        if r["error"]:
-            first = r["error"].splitlines()
-            print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: {first[0]}")
-            print("\n".join(line for line in first if line.startswith("Fix:")))
+    shown = set()
+    for r in rows:  # each problem once: the cause's first line and the fix, full text in --json
+        lines = (r["error"] or "").splitlines()
+        summary = (lines[0], *[x for x in lines if x.startswith("Fix:")]) if lines else ()
+        if summary and summary not in shown:
+            shown.add(summary)
+            print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: " + "\n".join(summary))
     return 0
 
 

@@ -46,7 +46,7 @@ def _norm(name: str) -> str:
 
 def _env_names(var: str) -> set[str] | None:
     value = os.environ.get(var)
-    return None if value is None else {_norm(v) for v in value.split(",") if v.strip()}
+    return None if value is None else {_norm(v.strip()) for v in value.split(",") if v.strip()}
 
 
 def manager() -> pluggy.PluginManager:

@@ -14,7 +14,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # Only the source copy of the example counts in this process, even if it is also installed.
 os.environ["ROBOVLA_DISABLE_PLUGINS"] = "robovla-example"
 
-EXAMPLE = Path(__file__).parent / "plugin_example"
+from helpers import EXAMPLE  # noqa: E402
 sys.path.insert(0, str(EXAMPLE))
 
 pytest_plugins = ["robovla.testing"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBO_RUN = Path(sys.executable).with_name("robo-run")
+EXAMPLE = ROOT / "tests" / "plugin_example"
 
 
 def clean_env(**extra: str) -> dict[str, str]:
