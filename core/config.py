@@ -102,6 +102,7 @@ class LoraConfig(ComponentConfig):
 
 SECTIONS: dict[str, type[ComponentConfig]] = {"train": TrainConfig, "fabric": FabricConfig, "lora": LoraConfig}
 META = "meta"  # written into saved configs (versions, providers); ignored when read back
+NONE = "none"  # how files and flags spell None; accepted by every optional field
 
 
 def flag(section: str, field: str | None = None) -> str:
@@ -128,13 +129,13 @@ class RunConfig(typing.NamedTuple):
     lora: LoraConfig
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain data (TOML-ready: None values are left out, paths become strings)."""
+        """Plain data, TOML-ready: paths become strings, None becomes "none" (TOML has no null)."""
         out = {}
         for key in self._fields:
             value = getattr(self, key)
             body = {"name": value.name, **value.config.model_dump(mode="json")} if isinstance(value, Choice) \
                 else value.model_dump(mode="json")
-            out[key] = {k: v for k, v in body.items() if v is not None}
+            out[key] = {k: NONE if v is None else v for k, v in body.items()}
         return out
 
 
@@ -174,7 +175,7 @@ def _coerce_cli(annotation: Any, text: str) -> Any:
         literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
         if text in literals:
             return text
-        if text.lower() in ("none", "null") and type(None) in args:
+        if text.lower() == NONE and type(None) in args:
             return None
         sequence = next((a for a in args if (typing.get_origin(a) or a) in (list, tuple, set)), None)
         return text if sequence is None else _coerce_cli(sequence, text)
@@ -226,9 +227,16 @@ def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel
     return out
 
 
+def _optional(model: type[BaseModel], field_name: str) -> bool:
+    info = model.model_fields.get(field_name)
+    return info is not None and type(None) in typing.get_args(info.annotation)
+
+
 def validate_section(section: str, model: type[ComponentConfig], values: dict[str, Any],
                      origin: dict | None = None) -> tuple[ComponentConfig | None, list[str]]:
     """Validate one section; returns (config, []) or (None, problems)."""
+    values = {k: None if isinstance(v, str) and v.lower() == NONE and _optional(model, k) else v
+              for k, v in values.items()}
     try:
         return model.model_validate(values), []
     except pydantic.ValidationError as exc:

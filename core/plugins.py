@@ -83,7 +83,7 @@ def _load_entry_points() -> None:
             try:
                 module = ep.load()
             except Exception as exc:  # any failure: keep it, load the others
-                info.error = _describe(exc, f"importing module {ep.module!r} failed")
+                info.error = describe(exc, f"importing module {ep.module!r} failed")
                 _infos[key] = info
                 continue
             add(module, info)
@@ -104,6 +104,8 @@ def add(module: object, info: PluginInfo) -> PluginInfo:
     """
     global generation
     pm = manager()
+    if info.name in _infos:
+        raise ValueError(f"a plugin named {info.name!r} is registered already; remove() it first")
     try:
         pm.register(module, name=info.name)
         for caller in pm.get_hookcallers(module) or []:
@@ -115,8 +117,10 @@ def add(module: object, info: PluginInfo) -> PluginInfo:
                     + (f"; did you mean {near!r}?" if near else "")
                     + f" Valid hooks: {', '.join(HOOKS)}",
                 )
-    except (pluggy.PluginValidationError, ValueError) as exc:
-        info.error = _describe(exc, "its hooks do not match robovla's hookspecs")
+    except pluggy.PluginValidationError as exc:
+        info.error = describe(exc, "its hooks do not match robovla's hookspecs")
+    except ValueError as exc:  # pluggy: this object is registered already, under another name
+        info.error = describe(exc, "it could not be registered")
     _infos[info.name] = info
     generation += 1
     return info
@@ -132,6 +136,7 @@ def remove(name: str) -> None:
     generation += 1
 
 
-def _describe(exc: BaseException, what: str) -> str:
+def describe(exc: BaseException, what: str) -> str:
+    """``what``, the exception and its traceback, as one text for reports."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return f"{what}: {type(exc).__name__}: {exc}\n{tb.rstrip()}"

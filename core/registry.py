@@ -80,7 +80,7 @@ class Component:
             try:
                 cls = _import(self.target) if isinstance(self.target, str) else self.target
             except Exception as exc:
-                self.error = broken_report(self.plugin, plugins._describe(exc, f"importing {self.target!r} failed"))
+                self.error = broken_report(self.plugin, plugins.describe(exc, f"importing {self.target!r} failed"))
                 raise PluginError(f"{label} cannot be used: {self.error}") from exc
             interface = _import(KINDS[self.kind][1])
             if not (isinstance(cls, type) and issubclass(cls, interface)):
@@ -118,7 +118,7 @@ class Registry:
                     impl.function(register=register)
                 except Exception as exc:
                     prior = self.errors.get(info.name, "")
-                    self.errors[info.name] = prior + plugins._describe(exc, f"its hook {hook} raised")
+                    self.errors[info.name] = prior + plugins.describe(exc, f"its hook {hook} raised")
                 self.components += added
         for c in self.components:
             if c.plugin.name in self.errors:

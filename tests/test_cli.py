@@ -37,10 +37,10 @@ def test_plugins_lists_components_with_provenance(capsys):
 
 
 def test_config_prints_toml_that_reads_back_to_the_same_run(toy, capsys, tmp_path):
-    assert main(["config", "--train.lr", "3e-4", "--lora.targets", "q_proj,v_proj"]) == 0
+    assert main(["config", "--train.lr", "3e-4", "--lora.targets", "q_proj,v_proj", "--train.grad_clip", "none"]) == 0
     text = capsys.readouterr().out
     assert '[backbone]\nname = "toy"\npath = "tiny"\nlayers = 6\n' in text
-    assert 'lr = 0.0003' in text and 'targets = [\n    "q_proj",\n    "v_proj",\n]' in text
+    assert 'lr = 0.0003' in text and 'grad_clip = "none"' in text and 'targets = [\n    "q_proj",\n    "v_proj",\n]' in text
     assert 'backbone = "toy-dist 9.9 (toy)"' in text and 'head = "robovla-example 0.1.0 (robovla_example.head)"' in text
     saved = tmp_path / "config.toml"
     saved.write_text(text)

@@ -29,9 +29,9 @@ def test_sources_apply_in_order_defaults_preset_file_flags(toy, tmp_path):
     assert str(run.dataset.config.path) == "/data/from-preset" and run.action_space.config.bound == 0.65
     assert (run.train.lr, run.train.chunk, run.fabric.precision) == (2e-5, 10, "32-true")
     file = tmp_path / "run.toml"
-    file.write_text('[backbone]\nlayers = 3\n[train]\nlr = 1e-3\nchunk = 5\n')
+    file.write_text('[backbone]\nlayers = 3\n[train]\nlr = 1e-3\nchunk = 5\ngrad_clip = "none"\n')
     run = resolve("--train.lr", "5e-4", "--dataset.path=/data/flag", config_file=file)
-    assert (run.backbone.config.layers, run.train.lr, run.train.chunk) == (3, 5e-4, 5)
+    assert (run.backbone.config.layers, run.train.lr, run.train.chunk, run.train.grad_clip) == (3, 5e-4, 5, None)
     assert str(run.dataset.config.path) == "/data/flag"
 
 

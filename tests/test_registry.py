@@ -151,3 +151,13 @@ def test_registry_rebuilds_when_plugins_change(robovla_plugin):
     assert "abs" not in robovla.list_components("action_space")
     robovla_plugin(Many(), name="many")
     assert registry() is not before and "abs" in robovla.list_components("action_space")
+
+
+def test_a_plugin_object_or_name_cannot_be_registered_twice(robovla_plugin):
+    hooks = Many()
+    robovla_plugin(hooks, name="many")
+    with pytest.raises(ValueError, match="a plugin named 'test:many' is registered already"):
+        robovla_plugin(Many(), name="many")
+    info = robovla_plugin(hooks, name="again")
+    assert "it could not be registered: ValueError: Plugin already registered" in info.error
+    assert robovla.get_component("action_space", "abs").load() is Clip  # the first one still works
