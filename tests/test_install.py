@@ -44,7 +44,10 @@ def test_out_of_tree_plugin_installed_with_pip(tmp_path):
 
 
 def test_wheel_carries_registry_and_runs_in_a_fresh_venv(tmp_path):
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)],
+    source = tmp_path / "robovla"  # a copy: building writes build/ and egg-info beside the sources
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", ".pytest_cache", "__pycache__", "runs"))
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(source)],
                 cwd=tmp_path)
     assert built.returncode == 0, built.stdout + built.stderr
     wheel = next((tmp_path / "dist").glob("robovla-*.whl"))
