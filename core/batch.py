@@ -51,7 +51,9 @@ class Batch:
             need(f"images[{cam!r}]", img, 5, "uint8", {0: ("B", b), 1: ("T", t), 4: ("RGB", 3)})
         if not self.images:
             problems.append("images: no camera")
-        if len(self.instruction) != b:
+        if not (isinstance(self.instruction, list) and all(isinstance(i, str) for i in self.instruction)):
+            problems.append(f"instruction: expected a list of B={b} strings, got {type(self.instruction).__name__}")
+        elif len(self.instruction) != b:
             problems.append(f"instruction: {len(self.instruction)} strings for B={b}")
         if problems:
             raise ValueError("invalid Batch:\n  " + "\n  ".join(problems))

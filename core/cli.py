@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from robovla import config as cfg
 from robovla import registry_file
-from robovla.errors import ConfigError, RobovlaError
+from robovla.errors import ConfigError, RobovlaError, UnknownNameError
 from robovla.registry import KINDS, registry
 
 RUN_FLAGS = ("--preset", "--config")
@@ -32,14 +32,15 @@ GROUPS = {  # command groups whose subcommands arrive with their features
 # ------------------------------------------------------------------ run-flag grammar
 
 
-def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str]], bool]:
+def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str | None]], bool]:
     """Split ``argv`` into (--preset/--config, [(section.field, value)], wants_help).
 
     Accepted forms: ``--head lstm``, ``--train.lr 1e-4``, ``--train.lr=1e-4``, and a bare
-    ``--lora.enabled`` (followed by another flag or nothing) meaning ``true``.
+    ``--lora.enabled`` (followed by another flag or nothing), whose value is None here and
+    means true for a yes/no field.
     """
     run: dict[str, str] = {}
-    flags: list[tuple[str, str]] = []
+    flags: list[tuple[str, str | None]] = []
     wants_help = False
     i = 0
     while i < len(argv):
@@ -51,17 +52,18 @@ def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str
             raise ConfigError([f"{token!r}: expected a flag such as --head NAME or --train.lr 1e-4"],
                               header="cannot parse the command line")
         key, eq, value = token[2:].partition("=")
+        value_or_none: str | None = value
         if not eq:
             has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            if not has_value and ("." not in key or f"--{key}" in RUN_FLAGS):
-                raise ConfigError([f"--{key}: needs a value"], header="cannot parse the command line")
-            value, i = (argv[i + 1], i + 2) if has_value else ("true", i + 1)
+            value_or_none, i = (argv[i + 1], i + 2) if has_value else (None, i + 1)
         else:
             i += 1
         if f"--{key}" in RUN_FLAGS:
-            run[key] = value
+            if not value_or_none:
+                raise ConfigError([f"--{key}: needs a value"], header="cannot parse the command line")
+            run[key] = value_or_none
         else:
-            flags.append((key, value))
+            flags.append((key, value_or_none))
     return run, flags, wants_help
 
 
@@ -73,23 +75,30 @@ def resolve(argv: list[str]) -> cfg.RunConfig:
 # ------------------------------------------------------------------------- help text
 
 
-def _field_lines(section: str, model: type) -> list[str]:
+def _field_lines(section: str, model: type, preset: tuple[str, dict]) -> list[str]:
+    """One line per field: flag, description, default, and the preset's value where it sets one."""
+    label, values = preset
     lines = []
     for name, info in model.model_fields.items():
-        default = info.get_default(call_default_factory=True)
-        lines.append(f"  {cfg.flag(section, name):<32} {info.description} (default: {default})")
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        where = "required" if info.is_required() else f"default: {default}"
+        if values.get(section, {}).get(name, default) != default:
+            where += f"; {label}: {values[section][name]}"
+        lines.append(f"  {cfg.flag(section, name):<32} {info.description} ({where})")
     return lines
 
 
 def run_help(command: str, argv: list[str]) -> str:
     """Help for ``train``/``config``: components and their choices, then every field."""
-    _, flags, _ = parse_run_args([a for a in argv if a not in ("-h", "--help")])
-    chosen = {k.replace("-", "_"): v for k, v in flags if "." not in k}
+    run, flags, _ = parse_run_args([a for a in argv if a not in ("-h", "--help")])
+    chosen = {k.replace("-", "_"): v for k, v in flags if "." not in k and v is not None}
+    name = run.get("preset") or registry_file.default_preset()
+    preset = (f"preset {name}", registry_file.preset(name)) if name and name != cfg.NONE else ("", {})
     reg = registry()
     out = [f"usage: robo-run {command} [--preset NAME] [--config FILE] [--KIND NAME] [--SECTION.FIELD VALUE ...]",
            "", "Sources, later wins: defaults < --preset (default: "
            f"{registry_file.default_preset()}) < --config FILE.toml < flags.", "",
-           "  --preset NAME                    a named recipe from registry.toml (robo-run presets)",
+           "  --preset NAME                    a named recipe from registry.toml (robo-run presets); none: no preset",
            "  --config FILE                    a TOML file, e.g. a run's config.toml", "", "components:"]
     for kind in cfg.RUN_KINDS:
         names = [c.name for c in reg.components if c.kind == kind and c.error is None]
@@ -98,11 +107,11 @@ def run_help(command: str, argv: list[str]) -> str:
     for kind in cfg.RUN_KINDS:
         if kind in chosen:
             model = reg.get(kind, chosen[kind]).load().Config
-            out += ["", f"{kind} {chosen[kind]!r}:"] + (_field_lines(kind, model) or ["  (no fields)"])
+            out += ["", f"{kind} {chosen[kind]!r}:"] + (_field_lines(kind, model, preset) or ["  (no fields)"])
     if not chosen:
         out += ["", "Add --backbone NAME (or another component) to --help to list its fields."]
     for section, model in cfg.SECTIONS.items():
-        out += ["", f"{section}: {model.__doc__.splitlines()[0]}"] + _field_lines(section, model)
+        out += ["", f"{section}: {model.__doc__.splitlines()[0]}"] + _field_lines(section, model, preset)
     return "\n".join(out)
 
 
@@ -141,10 +150,15 @@ def plugin_rows() -> list[dict[str, Any]]:
                  module=c.module, entry_point=c.plugin.entry_point, status=c.status, error=c.error)
             for c in reg.components]
     for key, error in reg.errors.items():
-        info = plugins.infos()[key]
+        info = plugins.infos().get(key) or plugins.PluginInfo(key, key, "?", "", "")
         rows.append(dict(kind="plugin", name=info.entry_point.split(" = ")[0] or info.distribution,
                          distribution=info.distribution, version=info.version, module=info.module,
                          entry_point=info.entry_point, status="error", error=broken_report(info, error)))
+    for name in plugins.unmatched:
+        rows.append(dict(kind="plugin", name=name, distribution=name, version="", module="", entry_point="",
+                         status="missing", error=f"ROBOVLA_PLUGINS names {name!r}, but no installed distribution "
+                         f"has an entry point of that name in group 'robovla'. Fix: install it, or remove it "
+                         "from ROBOVLA_PLUGINS"))
     return rows
 
 
@@ -164,9 +178,10 @@ def cmd_plugins(argv: list[str]) -> int:
     if not rows:
         print("(no plugins installed)")
     shown = set()
-    for r in rows:  # each problem once: the cause's first line and the fix, full text in --json
+    for r in rows:  # each problem once: the message and the fix; the traceback is in --json
         lines = (r["error"] or "").splitlines()
-        summary = (lines[0], *[x for x in lines if x.startswith("Fix:")]) if lines else ()
+        cut = next((i for i, x in enumerate(lines) if x.startswith("Traceback (most recent call last)")), len(lines))
+        summary = (*lines[:cut], *[x for x in lines[cut:] if x.startswith("Fix:")])
         if summary and summary not in shown:
             shown.add(summary)
             print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: " + "\n".join(summary))
@@ -234,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: robo-run {command} ...\n\n{GROUPS[command]}; no subcommands in this version")
             return 0
         return COMMANDS[command][0](argv)
-    except ConfigError as exc:
+    except (ConfigError, UnknownNameError) as exc:  # the command line or its files: usage errors
         print(f"robo-run {command}: error: {exc}", file=sys.stderr)
         return 2
     except RobovlaError as exc:

@@ -55,7 +55,7 @@ class ComponentConfig(BaseModel):
 class TrainConfig(ComponentConfig):
     """What to train and for how long."""
 
-    run_name: str | None = Field(None, description="run folder name under output_dir; default: <backbone>-<head>-<date>-<time>")
+    run_name: str | None = Field(None, description="run folder name under output_dir; none: <backbone>-<head>-<date>-<time>")
     output_dir: Path = Field(Path("runs"), description="folder that holds the run folders")
     seed: int = Field(123, description="random seed (each process adds its rank)")
     window: int = Field(8, ge=1, description="T: history frames per training sample")
@@ -135,8 +135,25 @@ class RunConfig(typing.NamedTuple):
             value = getattr(self, key)
             body = {"name": value.name, **value.config.model_dump(mode="json")} if isinstance(value, Choice) \
                 else value.model_dump(mode="json")
-            out[key] = {k: NONE if v is None else v for k, v in body.items()}
+            out[key] = spell_none(body)
         return out
+
+
+def spell_none(value: Any) -> Any:
+    """None -> "none" at any depth (TOML has no null); see :func:`read_none` for the way back."""
+    if isinstance(value, dict):
+        return {k: spell_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [spell_none(v) for v in value]
+    return NONE if value is None else value
+
+
+def read_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: read_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [read_none(v) for v in value]
+    return None if isinstance(value, str) and value.lower() == NONE else value
 
 
 # --------------------------------------------------------------------------- composing
@@ -157,9 +174,10 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
                 data[section] = values  # reported by validate()
                 origin[(section, "")] = label
                 continue
-            current = data.setdefault(section, {})
-            if "name" in values and current.get("name") not in (None, values["name"]):
-                current.clear()  # another component: its predecessor's fields do not apply
+            current = data.get(section)
+            other = current.get("name") not in (None, values["name"]) if "name" in values and isinstance(current, dict) else False
+            if not isinstance(current, dict) or other:
+                current = data[section] = {}  # another component: its predecessor's fields do not apply
             for field_name, value in values.items():
                 current[field_name] = value
                 origin[(section, field_name)] = label
@@ -167,16 +185,15 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
 
 
 def _coerce_cli(annotation: Any, text: str) -> Any:
-    """Turn a command-line string into what the field's type expects, where pydantic won't:
-    none for optional fields, and lists (``a,b`` or TOML ``["a", "b"]``)."""
+    """Turn a command-line string into what the field's type expects where pydantic won't:
+    lists, written ``a,b`` or as TOML ``["a", "b"]``. (``none`` is handled for every source
+    in :func:`validate_section`.)"""
     args = typing.get_args(annotation)
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
-        if text in literals:
+        if text in literals or (text.lower() == NONE and type(None) in args):
             return text
-        if text.lower() == NONE and type(None) in args:
-            return None
         sequence = next((a for a in args if (typing.get_origin(a) or a) in (list, tuple, set)), None)
         return text if sequence is None else _coerce_cli(sequence, text)
     if (origin or annotation) in (list, tuple, set):
@@ -188,19 +205,39 @@ def _coerce_cli(annotation: Any, text: str) -> Any:
     return text
 
 
-def cli_layer(flags: list[tuple[str, str]], models: dict[str, type[BaseModel]]) -> dict[str, dict[str, Any]]:
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and bool in typing.get_args(annotation))
+
+
+def cli_layer(flags: list[tuple[str, str | None]], models: dict[str, type[BaseModel]]) -> tuple[dict, list[str]]:
     """``[("train.lr", "1e-4"), ("head", "lstm")]`` -> ``{"train": {"lr": "1e-4"}, "head": {"name": "lstm"}}``.
 
-    Values stay strings for pydantic to convert, except lists and none, which it cannot.
+    Values stay strings for pydantic to convert, except lists, which it cannot. A bare flag
+    (value None) means true for a yes/no field and is a problem anywhere else.
     """
     layer: dict[str, dict[str, Any]] = {}
+    problems = []
     for key, text in flags:
         section, _, field_name = key.replace("-", "_").partition(".")
+        if section in SECTIONS and not field_name:
+            first = next(iter(SECTIONS[section].model_fields))
+            problems.append(f"{flag(section)}: is a section, not a component; set its fields, e.g. "
+                            f"{flag(section, first)} VALUE")
+            continue
         field_name = field_name or "name"
         model = models.get(section)
         info = model.model_fields.get(field_name) if model is not None else None
+        if text is None:
+            if info is not None and _is_bool(info.annotation):
+                text = "true"
+            elif model is not None and (info is not None or field_name == "name"):
+                problems.append(f"{flag(section, None if field_name == 'name' else field_name)}: needs a value")
+                continue
+            else:
+                text = "true"  # an unknown section or field: reported by validate()
         layer.setdefault(section, {})[field_name] = _coerce_cli(info.annotation, text) if info else text
-    return layer
+    return layer, problems
 
 
 def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel], origin: dict) -> list[str]:
@@ -235,7 +272,7 @@ def _optional(model: type[BaseModel], field_name: str) -> bool:
 def validate_section(section: str, model: type[ComponentConfig], values: dict[str, Any],
                      origin: dict | None = None) -> tuple[ComponentConfig | None, list[str]]:
     """Validate one section; returns (config, []) or (None, problems)."""
-    values = {k: None if isinstance(v, str) and v.lower() == NONE and _optional(model, k) else v
+    values = {k: read_none(v) if _optional(model, k) or isinstance(v, (dict, list)) else v
               for k, v in values.items()}
     try:
         return model.model_validate(values), []
@@ -258,7 +295,9 @@ def component_models(data: dict[str, dict[str, Any]], origin: dict | None = None
     models: dict[str, type[BaseModel]] = dict(SECTIONS)
     problems = []
     for kind in RUN_KINDS:
-        name = (data.get(kind) or {}).get("name") if isinstance(data.get(kind), dict) else None
+        if kind in data and not isinstance(data[kind], dict):
+            continue  # reported by validate() as not a table
+        name = (data.get(kind) or {}).get("name")
         what = kind.replace("_", " ")
         if name is None:
             problems.append(f"{flag(kind)}: no {what} chosen; pass {flag(kind)} NAME")
@@ -275,22 +314,27 @@ def component_models(data: dict[str, dict[str, Any]], origin: dict | None = None
     return models, problems
 
 
-def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str] | None = None) -> RunConfig:
-    """Check merged data against the chosen components and core sections; raise once."""
+def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str] | None = None,
+             problems: list[str] = ()) -> RunConfig:
+    """Check merged data against the chosen components and core sections; raise once,
+    with ``problems`` found earlier (e.g. while parsing flags) listed first."""
     origin = origin or {}
-    models, problems = component_models(data, origin)
+    models, found = component_models(data, origin)
+    problems = list(problems) + found
     known = list(SECTIONS) + list(RUN_KINDS)
-    for section in data:
+    for section, value in data.items():
+        src = origin.get((section, ""), next((v for (s, _), v in origin.items() if s == section), "?"))
         if section not in known:
-            src = origin.get((section, ""), next((v for (s, _), v in origin.items() if s == section), "?"))
             valid = [flag(k) for k in known]
             problems.append(f"{flag(section)}: {unknown('section', flag(section), valid)} (from {src})")
-        elif not isinstance(data[section], dict):
-            problems.append(f"{flag(section)}: expected a table of fields, got {data[section]!r}")
+        elif not isinstance(value, dict):
+            example = f'name = "{value}"' if section in RUN_KINDS else "field = value"
+            problems.append(f"{flag(section)}: expected a table of fields, got {value!r} (from {src}); "
+                            f"write it as [{section}] with {example} under it")
     parts: dict[str, Any] = {}
     for section, model in models.items():
-        values = dict(data.get(section) or {}) if isinstance(data.get(section, {}), dict) else {}
-        name = values.pop("name", None)
+        values = dict(data[section]) if isinstance(data.get(section), dict) else {}
+        name = values.pop("name", None) if section in RUN_KINDS else None
         config, found = validate_section(section, model, values, origin)
         problems += found
         parts[section] = Choice(str(name), config) if section in RUN_KINDS else config
@@ -300,17 +344,21 @@ def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str]
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None,
-            flags: list[tuple[str, str]] = ()) -> RunConfig:
-    """Compose defaults, preset, config file and flags into a validated :class:`RunConfig`."""
+            flags: list[tuple[str, str | None]] = ()) -> RunConfig:
+    """Compose defaults, preset, config file and flags into a validated :class:`RunConfig`.
+
+    ``preset`` None means registry.toml's default preset; ``"none"`` means no preset.
+    """
     from robovla import registry_file
 
     layers: list[Layer] = []
-    preset = preset or registry_file.default_preset()
-    if preset:
+    if preset is None:
+        preset = registry_file.default_preset()
+    if preset and preset.lower() != NONE:
         layers.append((f"preset {preset}", registry_file.preset(preset)))
     if config_file is not None:
         layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file))))
-    partial, _ = merge(layers + [("command line", cli_layer(list(flags), {}))])
-    models, _ = component_models(partial)
-    layers.append(("command line", cli_layer(list(flags), models)))
-    return validate(*merge(layers))
+    choices = {k.replace("-", "_"): {"name": v} for k, v in flags if "." not in k and v is not None}
+    models, _ = component_models(merge(layers + [("command line", choices)])[0])
+    layer, problems = cli_layer(list(flags), models)
+    return validate(*merge(layers + [("command line", layer)]), problems=problems)

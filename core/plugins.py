@@ -2,8 +2,8 @@
 
 A plugin that fails to import, or whose hooks do not match the hookspecs, is recorded with
 its error and never stops the others from loading. ``ROBOVLA_PLUGINS`` (comma-separated
-distribution or entry-point names; empty means none) is an allow list and
-``ROBOVLA_DISABLE_PLUGINS`` a block list.
+distribution or entry-point names, or ``dist:entry-point``; empty means none) is an allow
+list and ``ROBOVLA_DISABLE_PLUGINS`` a block list.
 """
 
 from __future__ import annotations
@@ -37,16 +37,18 @@ class PluginInfo:
 
 _pm: pluggy.PluginManager | None = None
 _infos: dict[str, PluginInfo] = {}
+unmatched: list[str] = []  # names in ROBOVLA_PLUGINS that no installed entry point has
 generation = 0  # bumped on every change, so the registry knows to rebuild
 
 
-def _norm(name: str) -> str:
+def norm(name: str) -> str:
+    """Distribution and entry-point names compare case-blind, with -, _ and . alike."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _env_names(var: str) -> set[str] | None:
     value = os.environ.get(var)
-    return None if value is None else {_norm(v.strip()) for v in value.split(",") if v.strip()}
+    return None if value is None else {norm(v.strip()) for v in value.split(",") if v.strip()}
 
 
 def manager() -> pluggy.PluginManager:
@@ -75,25 +77,19 @@ def _load_entry_points() -> None:
             if key in seen:  # the same distribution found twice on sys.path
                 continue
             seen.add(key)
-            ids = {_norm(dist_name), _norm(ep.name)}
+            ids = {norm(dist_name), norm(ep.name), f"{norm(dist_name)}:{norm(ep.name)}"}
+            matched |= ids & (allow or set())
             if (allow is not None and not ids & allow) or ids & deny:
                 continue
-            matched |= ids
             info = PluginInfo(key, dist_name, dist.version, f"{ep.name} = {ep.value}", ep.module)
             try:
                 module = ep.load()
-            except Exception as exc:  # any failure: keep it, load the others
+            except (Exception, SystemExit) as exc:  # any failure: keep it, load the others
                 info.error = describe(exc, f"importing module {ep.module!r} failed")
                 _infos[key] = info
                 continue
             add(module, info)
-    for name in sorted((allow or set()) - matched):
-        _infos[f"{name}:?"] = PluginInfo(
-            f"{name}:?", name, "", "", "",
-            error=f"ROBOVLA_PLUGINS names {name!r}, but no installed distribution has an "
-            f"entry point of that name in group {GROUP!r}; install it or remove it from "
-            "ROBOVLA_PLUGINS",
-        )
+    unmatched[:] = sorted((allow or set()) - matched)
 
 
 def add(module: object, info: PluginInfo) -> PluginInfo:
@@ -108,7 +104,11 @@ def add(module: object, info: PluginInfo) -> PluginInfo:
         raise ValueError(f"a plugin named {info.name!r} is registered already; remove() it first")
     try:
         pm.register(module, name=info.name)
-        for caller in pm.get_hookcallers(module) or []:
+        if not pm.get_hookcallers(module):
+            pm.unregister(module)
+            raise pluggy.PluginValidationError(module, "it has no @robovla.hookimpl functions; decorate "
+                                               f"its hooks ({', '.join(HOOKS)}) with @robovla.hookimpl")
+        for caller in pm.get_hookcallers(module):
             if not caller.has_spec():
                 near = closest(caller.name, HOOKS)
                 pm.unregister(module)

@@ -41,10 +41,19 @@ def _import(ref: str) -> Any:
     return obj
 
 
-def broken_report(info: PluginInfo, error: str) -> str:
-    """The standard text for a broken plugin: who, where, the cause and the fix."""
+def broken_report(info: PluginInfo, error: str, target: str = "") -> str:
+    """The standard text for a broken plugin: who, where, the cause and the fix.
+
+    A missing module other than the plugin's own suggests installing it (by its import
+    name, which is usually, not always, the name to pip install).
+    """
     missing = re.search(r"No module named '([^'.]+)", error)
-    fix = f"pip install {missing.group(1)}  (the plugin needs it), or " if missing else ""
+    own = {info.module.split(".")[0], target.split(".")[0]}
+    fix = ""
+    if missing and missing.group(1) not in own:
+        fix = f"pip install {missing.group(1)}  (the plugin needs it; the package name may differ), or "
+    elif missing:
+        fix = f"check the module path {target or info.module!r} in the plugin, or "
     return (
         f"plugin {info.distribution} {info.version} (entry point '{info.entry_point}') is broken: "
         f"{error}\nFix: {fix}upgrade or reinstall {info.distribution}, or disable it with "
@@ -80,7 +89,8 @@ class Component:
             try:
                 cls = _import(self.target) if isinstance(self.target, str) else self.target
             except Exception as exc:
-                self.error = broken_report(self.plugin, plugins.describe(exc, f"importing {self.target!r} failed"))
+                cause = plugins.describe(exc, f"importing {self.target!r} failed")
+                self.error = broken_report(self.plugin, cause, self.module)
                 raise PluginError(f"{label} cannot be used: {self.error}") from exc
             interface = _import(KINDS[self.kind][1])
             if not (isinstance(cls, type) and issubclass(cls, interface)):
@@ -88,6 +98,11 @@ class Component:
                     f"{label} from {self.plugin.distribution} is {cls!r}, which is not a subclass of "
                     f"robovla.{interface.__name__}. Fix: derive it from robovla.{interface.__name__}"
                 )
+            from robovla.config import ComponentConfig
+
+            if not (isinstance(cls.Config, type) and issubclass(cls.Config, ComponentConfig)):
+                raise PluginError(f"{label} from {self.plugin.distribution}: {cls.__qualname__}.Config is "
+                                  f"{cls.Config!r}. Fix: declare class Config(robovla.ComponentConfig)")
             self._cls = cls
         return self._cls
 
@@ -102,7 +117,8 @@ class Registry:
         self.errors = {name: i.error for name, i in plugins.infos().items() if i.error}
         for kind, (hook, _, _) in KINDS.items():
             for impl in getattr(pm.hook, hook).get_hookimpls():
-                info = plugins.infos()[impl.plugin_name]
+                info = plugins.infos().get(impl.plugin_name) or PluginInfo(
+                    impl.plugin_name, impl.plugin_name, "?", "(registered directly)", getattr(impl.plugin, "__name__", "?"))
                 added: list[Component] = []
 
                 def register(name: str, component: Any, _kind=kind, _info=info, _added=added) -> None:
@@ -112,13 +128,16 @@ class Registry:
                     if not (isinstance(component, type) or (isinstance(component, str) and ":" in component)):
                         raise RobovlaError(f"{_kind} {name!r}: register a class or a 'module:Class' "
                                            f"string, not {component!r}")
+                    if isinstance(component, type) and not _derives(component, KINDS[_kind][1]):
+                        raise RobovlaError(f"{_kind} {name!r}: {component.__qualname__} does not derive from "
+                                           f"robovla.{KINDS[_kind][1].split(':')[1]}")
                     _added.append(Component(_kind, name, component, _info))
 
                 try:
                     impl.function(register=register)
                 except Exception as exc:
-                    prior = self.errors.get(info.name, "")
-                    self.errors[info.name] = prior + plugins.describe(exc, f"its hook {hook} raised")
+                    found = plugins.describe(exc, f"its hook {hook} raised")
+                    self.errors[info.name] = "\n".join(filter(None, [self.errors.get(info.name), found]))
                 self.components += added
         for c in self.components:
             if c.plugin.name in self.errors:
@@ -156,6 +175,12 @@ def registry() -> Registry:
     if _registry is None or _registry.generation != plugins.generation:
         _registry = Registry()
     return _registry
+
+
+def _derives(cls: type, interface: str) -> bool:
+    """Whether ``cls`` has the interface ("module:Class") among its bases, without importing it."""
+    module, _, name = interface.partition(":")
+    return any(b.__module__ == module and b.__qualname__ == name for b in cls.__mro__)
 
 
 def _check_kind(kind: str) -> None:

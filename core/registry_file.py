@@ -38,6 +38,9 @@ def read_toml(file: Path) -> dict[str, Any]:
         raise ConfigError([f"{file}: no such file"], header="cannot read configuration") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML: {exc}"], header="cannot read configuration") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot be read: {type(exc).__name__}: {exc}; TOML files are UTF-8 text"],
+                          header="cannot read configuration") from None
 
 
 def toml_value(text: str) -> Any:
@@ -64,7 +67,8 @@ def preset(name: str) -> dict[str, dict[str, Any]]:
     """The config sections of preset ``name`` (its description removed)."""
     table = presets().get(name)
     if table is None:
-        raise unknown("preset", name, presets(), "List them with: robo-run presets")
+        where = f" (named by [defaults] in {path()})" if name == default_preset() else ""
+        raise unknown("preset", name, presets(), f"List them with: robo-run presets{where}")
     return {k: v for k, v in table.items() if k != "description"}
 
 

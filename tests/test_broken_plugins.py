@@ -36,6 +36,15 @@ def register_heads(register):
     raise ValueError("weights file not found")
 '''
 
+BAD_ARGUMENT = '''
+import robovla
+
+@robovla.hookimpl
+def register_heads(reg):
+    reg("x", "robovla_bad_argument:X")
+'''
+EXITS = "raise SystemExit(3)\n"
+
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
@@ -46,6 +55,9 @@ def site(tmp_path_factory) -> Path:
                       {"broken-import": "robovla_broken_import"})
     fake_distribution(site, "broken-hook", "0.2", {"robovla_broken_hook": BROKEN_HOOK},
                       {"hooky": "robovla_broken_hook"})
+    fake_distribution(site, "bad-argument", "0.3", {"robovla_bad_argument": BAD_ARGUMENT},
+                      {"bad-argument": "robovla_bad_argument"})
+    fake_distribution(site, "exits", "0.4", {"robovla_exits": EXITS}, {"exits": "robovla_exits"})
     return site
 
 
@@ -67,14 +79,19 @@ def test_broken_plugins_are_reported_and_the_others_work(site):
     assert hook["distribution"] == "broken-hook" and hook["entry_point"] == "hooky = robovla_broken_hook"
     assert "its hook register_heads raised: ValueError: weights file not found" in hook["error"]
     assert rows[("head", "broken-head")]["status"] == "error"
+    assert "importing module 'robovla_exits' failed: SystemExit: 3" in rows[("plugin", "exits")]["error"]
 
     table = run([str(ROBO_RUN), "plugins"], env=clean_env(PYTHONPATH=str(site)))
     assert table.returncode == 0
     assert "plugin broken-import [broken-import]: plugin broken-import 0.1 (entry point " \
            "'broken-import = robovla_broken_import') is broken: importing module 'robovla_broken_import' " \
            "failed: ModuleNotFoundError: No module named 'robovla_missing_dependency_xyz'" in table.stdout
-    assert "Fix: pip install robovla_missing_dependency_xyz  (the plugin needs it), or upgrade or reinstall " \
-           "broken-import, or disable it with ROBOVLA_DISABLE_PLUGINS=broken-import" in table.stdout
+    assert "Fix: pip install robovla_missing_dependency_xyz  (the plugin needs it; the package name may " \
+           "differ), or upgrade or reinstall broken-import, or disable it with " \
+           "ROBOVLA_DISABLE_PLUGINS=broken-import" in table.stdout
+    # the table shows the whole message, not just its first line (the traceback is in --json)
+    assert "Argument(s) {'reg'} are declared in the hookimpl but can not be found in the hookspec" in table.stdout
+    assert "Traceback" not in table.stdout
 
 
 def test_using_a_component_of_a_broken_plugin_fails_with_the_report(site):
@@ -93,7 +110,12 @@ def test_allow_and_block_lists(site):
     assert set(plugins_json(site, ROBOVLA_PLUGINS="good-plugin")) == {("action_space", "good-identity")}
     assert set(plugins_json(site, ROBOVLA_PLUGINS="hooky")) == {("head", "broken-head"), ("plugin", "hooky")}
     assert plugins_json(site, ROBOVLA_PLUGINS="") == {}
-    assert set(plugins_json(site, ROBOVLA_DISABLE_PLUGINS="broken-import, broken_hook")) == \
+    assert set(plugins_json(site, ROBOVLA_DISABLE_PLUGINS="broken-import, broken_hook,bad-argument,exits")) == \
         {("action_space", "good-identity")}
-    missing = plugins_json(site, ROBOVLA_PLUGINS="good-plugin,no-such-plugin")[("plugin", "no-such-plugin")]
-    assert "ROBOVLA_PLUGINS names 'no-such-plugin', but no installed distribution" in missing["error"]
+    assert set(plugins_json(site, ROBOVLA_PLUGINS="broken-hook:hooky")) == {("head", "broken-head"), ("plugin", "hooky")}
+    missing = plugins_json(site, ROBOVLA_PLUGINS="good-plugin,no-such-plugin,broken-import",
+                           ROBOVLA_DISABLE_PLUGINS="broken-import")
+    assert set(missing) == {("action_space", "good-identity"), ("plugin", "no-such-plugin")}
+    assert missing[("plugin", "no-such-plugin")]["status"] == "missing"
+    assert "ROBOVLA_PLUGINS names 'no-such-plugin', but no installed distribution" in \
+        missing[("plugin", "no-such-plugin")]["error"]

@@ -68,8 +68,13 @@ def test_help_lists_commands_choices_and_fields(toy, capsys):
         assert text in out
     assert main(["config", "--backbone", "toy", "--head", "example-linear", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--backbone.layers                decoder layers (default: 2)" in out
+    assert "--backbone.layers                decoder layers (default: 2; preset toy-recipe: 6)" in out
+    assert "--train.batch_size               samples per device per step (before gradient accumulation) " \
+           "(default: 8)" in out
     assert "--head.gripper_weight            weight of the gripper BCE against the arm MSE (default: 0.01)" in out
+    assert main(["config", "--dataset", "toy-data", "--help"]) == 0
+    assert "--dataset.path                   split folder (required; preset toy-recipe: /data/from-preset)" in \
+        capsys.readouterr().out
 
 
 def test_presets_and_errors_exit_codes(capsys):
@@ -78,7 +83,7 @@ def test_presets_and_errors_exit_codes(capsys):
     assert presets["calvin-kosmos-lstm"]["train"]["lr"] == 2e-5
     assert main(["tran"]) == 2
     assert "unknown command 'tran'; did you mean 'train'?" in capsys.readouterr().err
-    assert main(["--preset", "calvin-kosmo-lstm"]) == 1
+    assert main(["--preset", "calvin-kosmo-lstm"]) == 2
     assert "unknown preset 'calvin-kosmo-lstm'; did you mean 'calvin-kosmos-lstm'?" in capsys.readouterr().err
     assert main(["data", "check", "x"]) == 1
     assert "`robo-run data` (check, inspect and convert datasets) has no subcommands" in capsys.readouterr().err

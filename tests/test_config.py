@@ -79,6 +79,37 @@ def test_missing_components_and_required_fields_are_named(toy):
         resolve(preset="toy-recipes")
 
 
+def test_bare_flags_are_true_only_for_yes_no_fields(toy):
+    assert resolve("--lora.enabled", "--train.lr", "1e-3").lora.enabled is True
+    with pytest.raises(ConfigError) as err:
+        resolve("--train.run_name", "--head", "--lora", "true", "--train.lr")
+    assert err.value.problems[:4] == [
+        "--train.run_name: needs a value",
+        "--head: needs a value",
+        "--lora: is a section, not a component; set its fields, e.g. --lora.enabled VALUE",
+        "--train.lr: needs a value",
+    ]
+
+
+def test_sections_that_are_not_tables(toy, tmp_path):
+    file = tmp_path / "flat.toml"
+    file.write_text('backbone = "toy"\ntrain = [1, 2]\n')
+    with pytest.raises(ConfigError) as err:
+        resolve("--train.lr", "3", config_file=file)  # a later source adds to the non-table section
+    assert err.value.problems == [
+        f'--backbone: expected a table of fields, got \'toy\' (from config file {file}); write it as '
+        '[backbone] with name = "toy" under it',
+    ]
+    run = resolve("--backbone", "toy", "--train.lr", "2e-5", config_file=file)  # both replaced by tables
+    assert run.backbone.name == "toy" and run.train.lr == 2e-5
+
+
+def test_no_preset_starts_from_field_defaults(toy):
+    run = resolve("--backbone", "toy", "--head", "example-linear", "--dataset", "toy-data", "--dataset.path", "/d",
+                  "--action-space", "example-clip", preset="none")
+    assert (run.backbone.config.layers, run.action_space.config.bound, run.train.batch_size) == (2, 0.65, 8)
+
+
 def test_config_files_with_errors_name_the_file(toy, tmp_path):
     bad = tmp_path / "broken.toml"
     bad.write_text("[train\nlr = 1\n")
@@ -86,12 +117,18 @@ def test_config_files_with_errors_name_the_file(toy, tmp_path):
         resolve(config_file=bad)
     with pytest.raises(ConfigError, match="nowhere.toml: no such file"):
         resolve(config_file=tmp_path / "nowhere.toml")
+    with pytest.raises(ConfigError, match="cannot be read: IsADirectoryError"):
+        resolve(config_file=tmp_path)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[train]\nrun_name = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="latin.toml: cannot be read: UnicodeDecodeError"):
+        resolve(config_file=latin)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["lstm"], "'lstm': expected a flag such as --head NAME"),
-    (["--head"], "--head: needs a value"),
     (["--preset"], "--preset: needs a value"),
+    (["--config=", "--head", "x"], "--config: needs a value"),
 ])
 def test_malformed_command_lines(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -58,3 +58,16 @@ def test_checks_fail_on_bad_components(robovla_plugin, name, check, message):
     robovla_plugin(Hooks(), name="bad", distribution="bad-dist")
     with pytest.raises(AssertionError, match=message):
         check(robovla.get_component("action_space", name))
+
+
+def test_distribution_filter_is_forgiving_about_spelling_but_not_about_names():
+    assert testing.cases("ROBOVLA_example") == testing.cases("robovla-example")
+    with pytest.raises(pytest.UsageError, match="no installed distribution of that name.*robovla-example"):
+        testing.cases("robovla-exampel")
+
+
+def test_fixture_never_removes_a_plugin_it_did_not_add(robovla_plugin):
+    robovla_plugin(Hooks(), name="first")
+    with pytest.raises(ValueError, match="registered already"):
+        robovla_plugin(Hooks(), name="first")
+    assert robovla.get_component("action_space", "lax")  # the first registration is intact

@@ -40,6 +40,13 @@ def test_batch_validation_lists_every_problem():
     ]
 
 
+def test_batch_instruction_must_be_a_list_of_strings():
+    batch = make_batch()
+    batch.instruction = "open the drawer"
+    with pytest.raises(ValueError, match="instruction: expected a list of B=2 strings, got str"):
+        batch.validate()
+
+
 def test_batch_moves_tensors():
     moved = make_batch(lib=torch).to("cpu")
     assert moved.images["static"].device.type == "cpu" and moved.validate()

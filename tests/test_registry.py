@@ -127,10 +127,34 @@ class BadRegistrations:
         register("Bad Name", "x:Y")
 
 
+class NotASpace:
+    """Derives from nothing robovla knows."""
+
+
+class Direct:
+    @robovla.hookimpl
+    def register_action_spaces(self, register):
+        register("direct", NotASpace)
+
+
+class NoHooks:
+    def register_heads(self, register):  # forgot @robovla.hookimpl
+        register("x", Clip)
+
+
+def test_classes_are_checked_at_registration_and_plugins_need_hooks(robovla_plugin):
+    robovla_plugin(Direct(), name="direct", distribution="direct-dist")
+    assert "action_space 'direct': NotASpace does not derive from robovla.ActionSpace" in \
+        registry().errors["direct-dist:direct"]
+    info = robovla_plugin(NoHooks(), name="nohooks")
+    assert "it has no @robovla.hookimpl functions" in info.error
+
+
 class LazyTargets:
     @robovla.hookimpl
     def register_action_spaces(self, register):
-        register("missing-dep", "robovla_test_no_such_module.spaces:Space")
+        register("typo", "robovla_test_no_such_module.spaces:Space")
+        register("missing-dep", "needs_missing_dep:Space")
         register("not-a-space", "collections:OrderedDict")
 
 
@@ -139,9 +163,12 @@ def test_registrations_are_checked(robovla_plugin):
     assert "head name 'Bad Name' is invalid" in registry().errors["badnames-dist:badnames"]
     robovla_plugin(LazyTargets(), name="lazy", distribution="lazy-dist")
     with pytest.raises(PluginError) as err:
-        robovla.get_component("action_space", "missing-dep").load()
+        robovla.get_component("action_space", "typo").load()
     assert "No module named 'robovla_test_no_such_module'" in str(err.value)
-    assert "Fix: pip install robovla_test_no_such_module" in str(err.value)
+    assert "Fix: check the module path 'robovla_test_no_such_module.spaces' in the plugin" in str(err.value)
+    with pytest.raises(PluginError) as err:
+        robovla.get_component("action_space", "missing-dep").load()
+    assert "Fix: pip install robovla_missing_dependency_xyz  (the plugin needs it" in str(err.value)
     with pytest.raises(PluginError, match="not a subclass of robovla.ActionSpace. Fix: derive it"):
         robovla.get_component("action_space", "not-a-space").load()
 

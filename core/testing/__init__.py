@@ -42,10 +42,19 @@ def check(*kinds: str) -> Callable[[Check], Check]:
 
 
 def cases(distribution: str | None = None) -> list[tuple[Component, Check]]:
-    """Every (component, check) pair for the components registered now."""
-    return [(c, fn) for c in registry().components
-            if distribution is None or c.plugin.distribution == distribution
-            for fn in CHECKS[c.kind]]
+    """Every (component, check) pair for the components registered now.
+
+    ``distribution`` (spelled with - or _, any case) limits them to one distribution's;
+    naming one that registered nothing is an error, not an empty run.
+    """
+    components = registry().components
+    if distribution is not None:
+        known = {plugins.norm(c.plugin.distribution) for c in components}
+        if plugins.norm(distribution) not in known:
+            raise pytest.UsageError(f"--robovla-distribution {distribution}: no installed distribution of that "
+                                    f"name registers robovla components; these do: {', '.join(sorted(known))}")
+        components = [c for c in components if plugins.norm(c.plugin.distribution) == plugins.norm(distribution)]
+    return [(c, fn) for c in components for fn in CHECKS[c.kind]]
 
 
 # ------------------------------------------------------------------ checks for all kinds
@@ -76,9 +85,11 @@ def config_strict_and_documented(component: Component) -> None:
 
 @check()
 def config_round_trips_through_toml(component: Component) -> None:
-    """A config with its defaults, written as TOML and read back, is the same config."""
+    """A config with its defaults, written as TOML and read back as a saved run config is,
+    is the same config."""
     import tomli_w
 
+    from robovla.config import spell_none, validate_section
     from robovla.registry_file import tomllib
 
     config = component.load().Config
@@ -86,8 +97,9 @@ def config_round_trips_through_toml(component: Component) -> None:
     if required:
         pytest.skip(f"fields {required} have no default")
     first = config()
-    text = tomli_w.dumps({k: v for k, v in first.model_dump(mode="json").items() if v is not None})
-    assert config.model_validate(tomllib.loads(text)) == first, f"TOML round trip changed:\n{text}"
+    text = tomli_w.dumps(spell_none(first.model_dump(mode="json")))
+    again, problems = validate_section(component.kind, config, tomllib.loads(text))
+    assert not problems and again == first, f"TOML round trip changed:\n{text}\n{problems}"
 
 
 # -------------------------------------------------------------------- pytest plugin part
@@ -123,8 +135,9 @@ def robovla_plugin() -> Iterator[Callable[..., plugins.PluginInfo]]:
         module = getattr(obj, "__name__", type(obj).__name__)
         info = plugins.PluginInfo(f"{distribution}:{name}", distribution, version,
                                   f"{name} = {module}", module)
+        plugins.add(obj, info)  # raises if the name is taken: then there is nothing of ours to remove
         added.append(info.name)
-        return plugins.add(obj, info)
+        return info
 
     yield register
     for name in added:
