@@ -25,6 +25,7 @@ class ActionSpace(abc.ABC):
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
     action_dim: ClassVar[int] = 7
+    source: ClassVar[str] = "actions"  # the dataset's action key this space reads (Frames.actions)
 
     def __init__(self, config: ComponentConfig):
         self.config = config

@@ -32,7 +32,7 @@ class Frames:
 
     images: dict[str, np.ndarray]  # camera -> uint8 [n, H, W, 3]
     robot_obs: np.ndarray  # float [n, 15]
-    actions: np.ndarray  # float [n, A], raw (before the action space)
+    actions: dict[str, np.ndarray]  # action key -> float [n, A], raw (the action space picks its key)
 
 
 @dataclass(frozen=True)

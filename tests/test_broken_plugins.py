@@ -110,7 +110,7 @@ def test_allow_and_block_lists(site):
     assert set(plugins_json(site, ROBOVLA_PLUGINS="good-plugin")) == {("action_space", "good-identity")}
     assert set(plugins_json(site, ROBOVLA_PLUGINS="hooky")) == {("head", "broken-head"), ("plugin", "hooky")}
     assert plugins_json(site, ROBOVLA_PLUGINS="") == {}
-    assert set(plugins_json(site, ROBOVLA_DISABLE_PLUGINS="broken-import, broken_hook,bad-argument,exits")) == \
+    assert set(plugins_json(site, ROBOVLA_DISABLE_PLUGINS="broken-import, broken_hook,bad-argument,exits,robovla")) == \
         {("action_space", "good-identity")}
     assert set(plugins_json(site, ROBOVLA_PLUGINS="broken-hook:hooky")) == {("head", "broken-head"), ("plugin", "hooky")}
     missing = plugins_json(site, ROBOVLA_PLUGINS="good-plugin,no-such-plugin,broken-import",

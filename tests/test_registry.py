@@ -25,16 +25,16 @@ class Clip(robovla.ActionSpace):
 class Many:
     @robovla.hookimpl
     def register_action_spaces(self, register):
-        for name in ["rel-2", "rel-10", "rel-1", "abs"]:
+        for name in ["toy-2", "toy-10", "toy-1", "abs"]:
             register(name, Clip)
 
 
 def test_list_uses_wildcards_natural_sort_and_provenance(robovla_plugin):
     robovla_plugin(Many(), name="many", distribution="many-dist", version="1.2.3")
-    assert robovla.list_components("action_space", "rel-*") == ["rel-1", "rel-2", "rel-10"]
-    assert robovla.list_components("action_space", ["abs", "rel-1*"]) == ["abs", "rel-1", "rel-10"]
-    assert robovla.list_components("action_space", exclude="rel-*", distribution="many-dist") == ["abs"]
-    c = robovla.get_component("action_space", "rel-10")
+    assert robovla.list_components("action_space", "toy-*") == ["toy-1", "toy-2", "toy-10"]
+    assert robovla.list_components("action_space", ["abs", "toy-1*"]) == ["abs", "toy-1", "toy-10"]
+    assert robovla.list_components("action_space", exclude="toy-*", distribution="many-dist") == ["abs"]
+    c = robovla.get_component("action_space", "toy-10")
     assert (c.plugin.distribution, c.plugin.version, c.module, c.status) == ("many-dist", "1.2.3", __name__, "ok")
     assert robovla.list_components("head") == ["example-linear"]  # from the example plugin
 
@@ -54,8 +54,10 @@ def test_create_applies_and_checks_overrides(robovla_plugin):
 def test_unknown_names_list_the_valid_ones_and_the_closest(robovla_plugin):
     robovla_plugin(Many(), name="many")
     with pytest.raises(UnknownNameError) as err:
-        robovla.get_component("action_space", "rel-11")
-    assert str(err.value).startswith("unknown action space 'rel-11'; did you mean 'rel-1'? Valid: abs, example-clip, rel-1, rel-2, rel-10")
+        robovla.get_component("action_space", "toy-11")
+    valid = robovla.list_components("action_space")
+    assert {"abs", "example-clip", "toy-1", "toy-2", "toy-10"} <= set(valid)
+    assert str(err.value).startswith(f"unknown action space 'toy-11'; did you mean 'toy-1'? Valid: {', '.join(valid)}")
     with pytest.raises(UnknownNameError, match="unknown component kind 'heads'; did you mean 'head'"):
         robovla.list_components("heads")
 
@@ -75,7 +77,7 @@ def test_a_name_registered_twice_names_both_providers(robovla_plugin):
     msg = str(err.value)
     assert "registered by many-dist 1.0 (test_registry) and other-dist 2.0 (some_other_package.spaces)" in msg
     assert "ROBOVLA_DISABLE_PLUGINS" in msg
-    assert robovla.get_component("action_space", "rel-1").load() is Clip  # the rest still work
+    assert robovla.get_component("action_space", "toy-1").load() is Clip  # the rest still work
 
 
 class RaisesMidway:
@@ -94,7 +96,7 @@ def test_a_hook_that_raises_breaks_only_its_plugin(robovla_plugin):
     assert "plugin midway-dist 0.3 (entry point 'midway = RaisesMidway') is broken" in msg
     assert "its hook register_action_spaces raised: RuntimeError: config file of the plugin is missing" in msg
     assert "Traceback" in msg and "Fix:" in msg
-    assert robovla.list_components("action_space", "rel-*") == ["rel-1", "rel-2", "rel-10"]
+    assert robovla.list_components("action_space", "toy-*") == ["toy-1", "toy-2", "toy-10"]
     # an unknown name mentions the broken plugin, which may be the one that provides it
     with pytest.raises(UnknownNameError, match="Note: plugin midway-dist 0.3"):
         robovla.get_component("action_space", "late")

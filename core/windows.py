@@ -1,0 +1,110 @@
+"""Windows and chunks: how every dataset's episodes become training samples (written once).
+
+Shape letters: T window (history frames), C chunk (future actions per step), A action
+dim, H/W image size. Frame ids are the dataset's own; segment ends are inclusive.
+
+For an annotated segment (start, end) there is one sample per start frame s with
+s >= start and s + T - 1 <= end, i.e. end - start - T + 2 samples. Step t of a sample
+(frame s + t) is trained to predict actions s+t .. s+t+C-1, current one first. Actions past
+``end`` repeat the action at ``end`` and are masked; the action at ``end`` itself is real
+and never masked (RoboVLMs' loader masks it too, an off-by-one not reproduced here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from robovla.dataset import Frames, Segment
+
+
+def sample_starts(segments: list[Segment], window: int) -> np.ndarray:
+    """All samples as rows (segment index, start frame), in segment order: int64 [n, 2]."""
+    rows = [(i, s) for i, seg in enumerate(segments) for s in range(seg.start, seg.end - window + 2)]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def frames_needed(start: int, segment: Segment, window: int, chunk: int) -> tuple[int, int]:
+    """The inclusive frame range one sample reads: its window plus the chunk's look-ahead,
+    cut at the segment end."""
+    return start, min(start + window + chunk - 2, segment.end)
+
+
+@dataclass
+class Window:
+    """One sample before batching (no batch axis)."""
+
+    images: dict[str, np.ndarray]  # camera -> uint8 [T, H, W, 3]
+    instruction: str
+    robot_obs: np.ndarray  # float32 [T, 15]
+    actions: np.ndarray  # float32 [T, C, A], encoded by the action space
+    action_mask: np.ndarray  # bool [T, C]
+    frame_mask: np.ndarray  # bool [T]
+
+
+def make_window(frames: Frames, start: int, segment: Segment, window: int, chunk: int,
+                action_space: Any) -> Window:
+    """Cut one sample from ``frames`` (ids ``frames_needed(...)``) and encode its actions.
+
+    Each action is encoded with the robot state of its own frame (TCP-frame spaces need it).
+    """
+    if action_space.source not in frames.actions:
+        raise KeyError(f"{type(action_space).__name__} reads action key {action_space.source!r}, but the dataset "
+                       f"loaded only {sorted(frames.actions)}; add it to the dataset's action keys")
+    raw = frames.actions[action_space.source]
+    n = len(raw)
+    # index of the frame behind every (t, k): s+t+k, clamped to the last loaded (= segment end)
+    idx = np.arange(window)[:, None] + np.arange(chunk)[None, :]
+    real = idx + start <= segment.end
+    idx = np.minimum(idx, n - 1)
+    encoded = action_space.encode(raw, frames.robot_obs)  # [n, A]
+    return Window(
+        images={cam: img[:window] for cam, img in frames.images.items()},
+        instruction=segment.instruction,
+        robot_obs=np.asarray(frames.robot_obs[:window], dtype=np.float32),
+        actions=np.asarray(encoded[idx], dtype=np.float32),
+        action_mask=real,
+        frame_mask=np.ones(window, dtype=bool),
+    )
+
+
+def collate(windows: list[Window]):
+    """Stack windows into a :class:`robovla.Batch` of torch tensors [B, ...]."""
+    import torch
+
+    from robovla.batch import Batch
+
+    def stack(arrays: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays))
+
+    cams = windows[0].images
+    return Batch(
+        images={cam: stack([w.images[cam] for w in windows]) for cam in cams},
+        instruction=[w.instruction for w in windows],
+        robot_obs=stack([w.robot_obs for w in windows]),
+        actions=stack([w.actions for w in windows]),
+        action_mask=stack([w.action_mask for w in windows]),
+        frame_mask=stack([w.frame_mask for w in windows]),
+    )
+
+
+class WindowDataset:
+    """A map-style dataset of samples over a :class:`robovla.Dataset` (torch DataLoader-ready)."""
+
+    def __init__(self, dataset: Any, action_space: Any, window: int, chunk: int):
+        self.dataset, self.action_space = dataset, action_space
+        self.window, self.chunk = window, chunk
+        self.segments = dataset.segments()
+        self.index = sample_starts(self.segments, window)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> Window:
+        seg_i, start = (int(v) for v in self.index[i])
+        segment = self.segments[seg_i]
+        first, last = frames_needed(start, segment, self.window, self.chunk)
+        return make_window(self.dataset.load(first, last), start, segment, self.window, self.chunk,
+                           self.action_space)

@@ -1,0 +1,172 @@
+"""CALVIN: the ``calvin`` dataset reader and the CALVIN action spaces, as one plugin.
+
+A split folder (``training/`` or ``validation/`` of task_D_D, task_ABC_D, task_ABCD_D or
+calvin_debug_dataset) holds one ``episode_%07d.npz`` per 30 Hz frame, named by global frame
+id (a folder does not start at 0), ``ep_start_end_ids.npy`` (inclusive recording ranges)
+and ``lang_annotations/auto_lang_ann.npy`` (a pickled dict: language.ann, language.task,
+info.indx). Vectors are stored as float64. Pickle is read for the annotation files only.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+import robovla
+from robovla.dataset import Frames, Problem, Segment
+from robovla_plugins.datasets.calvin_actions import AbsWorld, RelTcp, RelWorld
+
+CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
+SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (15,), "actions": (7,),
+          "rel_actions": (7,)}
+ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
+
+
+@robovla.hookimpl
+def register_datasets(register):
+    register("calvin", CalvinDataset)
+
+
+@robovla.hookimpl
+def register_action_spaces(register):
+    register("rel-world", RelWorld)
+    register("rel-tcp", RelTcp)
+    register("abs-world", AbsWorld)
+
+
+class CalvinDataError(robovla.RobovlaError, ValueError):
+    """A CALVIN split cannot be read; the message names the file and key."""
+
+
+def frame_file(root: Path, frame: int) -> Path:
+    return root / f"episode_{frame:07d}.npz"
+
+
+class CalvinDataset(robovla.Dataset):
+    """One CALVIN split folder, read exactly as CALVIN stores it."""
+
+    class Config(robovla.ComponentConfig):
+        path: Path = Field(description="the split folder (training/ or validation/ of a CALVIN task)")
+        cameras: list[Literal["static", "gripper"]] = Field(["static", "gripper"], min_length=1,
+                                                            description="cameras to read")
+        action_keys: list[Literal["rel_actions", "actions"]] = Field(
+            ["rel_actions", "actions"], min_length=1, description="action arrays to read (rel_actions, actions)")
+        tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.root = Path(config.path)
+        if not self.root.is_dir():
+            raise CalvinDataError(f"--dataset.path {self.root}: no such folder; point it at a CALVIN split "
+                                  "folder, e.g. task_D_D/training")
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(self.config.cameras)
+
+    # -------------------------------------------------------------- listing and reading
+
+    def recordings(self) -> np.ndarray:
+        """``ep_start_end_ids.npy``: int64 [n, 2], inclusive frame-id ranges."""
+        file = self.root / "ep_start_end_ids.npy"
+        try:
+            ids = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise CalvinDataError(f"{file}: cannot read ({exc})") from None
+        if ids.ndim != 2 or ids.shape[1] != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise CalvinDataError(f"{file}: expected an integer array [n, 2], got {ids.dtype} {ids.shape}")
+        return ids.astype(np.int64)
+
+    def annotations(self) -> dict[str, Any]:
+        """The annotation dict as stored (pickle: CALVIN's format), checked for its keys."""
+        file = self.root / ANNOTATIONS
+        try:
+            ann = np.load(file, allow_pickle=True).item()
+            texts, tasks, indx = ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"]
+        except FileNotFoundError:
+            raise CalvinDataError(f"{file}: missing; a CALVIN split has lang_annotations/auto_lang_ann.npy") from None
+        except (KeyError, TypeError, AttributeError, ValueError, OSError) as exc:
+            raise CalvinDataError(f"{file}: expected a dict with language.ann, language.task and info.indx "
+                                  f"({type(exc).__name__}: {exc})") from None
+        if not len(texts) == len(tasks) == len(indx):
+            raise CalvinDataError(f"{file}: language.ann ({len(texts)}), language.task ({len(tasks)}) and "
+                                  f"info.indx ({len(indx)}) differ in length")
+        return ann
+
+    def segments(self) -> list[Segment]:
+        ann = self.annotations()
+        wanted = None if self.config.tasks is None else set(self.config.tasks)
+        return [Segment(int(s), int(e), str(text), str(task))
+                for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"])
+                if wanted is None or task in wanted]
+
+    def load(self, start: int, end: int) -> Frames:
+        keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
+        data: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        for frame in range(start, end + 1):
+            file = frame_file(self.root, frame)
+            try:
+                with np.load(file, allow_pickle=False) as npz:
+                    for k in keys:
+                        data[k].append(npz[k])
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                raise CalvinDataError(f"{file}: cannot read ({type(exc).__name__}: {exc}); run "
+                                      f"`robo-run data check {self.root}` for every problem") from None
+        return Frames(images={c: np.stack(data[CAMERA_KEYS[c]]) for c in self.cameras},
+                      robot_obs=np.stack(data["robot_obs"]),
+                      actions={k: np.stack(data[k]) for k in self.config.action_keys})
+
+    # ------------------------------------------------------------------------ checking
+
+    def check(self) -> list[Problem]:
+        problems: list[Problem] = []
+        try:
+            ranges = self.recordings()
+        except CalvinDataError as exc:
+            return [Problem(str(self.root / "ep_start_end_ids.npy"), "", str(exc))]
+        try:
+            segments = self.segments()
+        except CalvinDataError as exc:
+            problems.append(Problem(str(self.root / ANNOTATIONS), "", str(exc)))
+            segments = []
+        for i, seg in enumerate(segments):
+            inside = (ranges[:, 0] <= seg.start) & (seg.end <= ranges[:, 1])
+            if seg.start > seg.end or not inside.any():
+                problems.append(Problem(str(self.root / ANNOTATIONS), f"info.indx[{i}]",
+                                        f"annotation ({seg.start}, {seg.end}) is not inside one recording range "
+                                        f"of ep_start_end_ids.npy"))
+        keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
+        for start, end in ranges:
+            for frame in range(int(start), int(end) + 1):
+                problems += self.check_frame(frame_file(self.root, frame), keys)
+        return problems
+
+    @staticmethod
+    def check_frame(file: Path, keys: list[str]) -> list[Problem]:
+        """Every problem of one frame file: missing, unreadable, keys, shapes, dtypes, NaN."""
+        if not file.is_file():
+            return [Problem(str(file), "", "frame missing inside a recording range of ep_start_end_ids.npy")]
+        found = []
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                for key in keys:
+                    if key not in npz.files:
+                        found.append(Problem(str(file), key, f"missing key (has {sorted(npz.files)})"))
+                        continue
+                    value = npz[key]
+                    if value.shape != SHAPES[key]:
+                        found.append(Problem(str(file), key, f"shape {value.shape}, expected {SHAPES[key]}"))
+                    if key.startswith("rgb_"):
+                        if value.dtype != np.uint8:
+                            found.append(Problem(str(file), key, f"dtype {value.dtype}, expected uint8"))
+                    elif not np.issubdtype(value.dtype, np.floating):
+                        found.append(Problem(str(file), key, f"dtype {value.dtype}, expected float64"))
+                    elif not np.isfinite(value).all():
+                        found.append(Problem(str(file), key, f"non-finite values at {np.flatnonzero(~np.isfinite(value)).tolist()}"))
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            return [Problem(str(file), "", f"unreadable or truncated npz ({type(exc).__name__}: {exc})")]
+        return found
