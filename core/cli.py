@@ -23,7 +23,6 @@ from robovla.registry import KINDS, registry
 
 RUN_FLAGS = ("--preset", "--config")
 GROUPS = {  # command groups whose subcommands arrive with their features
-    "data": "check, inspect and convert datasets",
     "eval": "evaluate a trained run offline or in closed loop",
     "serve": "serve a trained policy over the network",
 }
@@ -203,6 +202,12 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
+def cmd_data(argv: list[str]) -> int:
+    from robovla import data_commands
+
+    return data_commands.main(argv)
+
+
 def cmd_group(group: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         raise RobovlaError(f"`robo-run {group}` ({GROUPS[group]}) has no subcommands in this robovla version")
@@ -214,6 +219,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "config": (cmd_config, "print the resolved configuration as TOML"),
     "plugins": (cmd_plugins, "list registered components and broken plugins"),
     "presets": (cmd_presets, "list the named recipes in registry.toml"),
+    "data": (cmd_data, "check datasets and compute their statistics (check, stats)"),
     **{g: (cmd_group(g), text) for g, text in GROUPS.items()},
 }
 

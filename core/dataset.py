@@ -68,3 +68,7 @@ class Dataset(abc.ABC):
     @abc.abstractmethod
     def check(self) -> list[Problem]:
         """Validate the files; every problem, each with its file and key. Empty when clean."""
+
+    def describe(self) -> dict[str, int]:
+        """Counts for reports (``robo-run data check``); datasets add their own (frames, ...)."""
+        return {"annotations": len(self.segments())}

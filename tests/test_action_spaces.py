@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import robovla
-from robovla_plugins.datasets.calvin_actions import (ORN_STEP, RunningStats, euler_to_matrix, matrix_to_euler,
-                                                      tcp_to_world, world_to_tcp, wrap)
+from robovla.stats import RunningStats
+from robovla_plugins.datasets.calvin_actions import (ORN_STEP, euler_to_matrix, matrix_to_euler, tcp_to_world,
+                                                      world_to_tcp, wrap)
 
 
 def axis_rotation(axis: int, angle: float) -> np.ndarray:

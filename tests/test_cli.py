@@ -86,8 +86,11 @@ def test_presets_and_errors_exit_codes(capsys):
     assert "unknown command 'tran'; did you mean 'train'?" in capsys.readouterr().err
     assert main(["--preset", "calvin-kosmo-lstm"]) == 2
     assert "unknown preset 'calvin-kosmo-lstm'; did you mean 'calvin-kosmos-lstm'?" in capsys.readouterr().err
-    assert main(["data", "check", "x"]) == 1
-    assert "`robo-run data` (check, inspect and convert datasets) has no subcommands" in capsys.readouterr().err
+    assert main(["eval", "x"]) == 1
+    assert "`robo-run eval` (evaluate a trained run offline or in closed loop) has no subcommands" in \
+        capsys.readouterr().err
+    assert main(["data", "chek", "x"]) == 2
+    assert "unknown data command 'chek'; did you mean 'check'?" in capsys.readouterr().err
 
 
 def test_help_and_plugins_import_no_torch(tmp_path):

@@ -122,6 +122,11 @@ class CalvinDataset(robovla.Dataset):
 
     # ------------------------------------------------------------------------ checking
 
+    def describe(self) -> dict[str, int]:
+        ranges = self.recordings()
+        return {"frames": int((ranges[:, 1] - ranges[:, 0] + 1).sum()), "segments": len(ranges),
+                "annotations": len(self.segments())}
+
     def check(self) -> list[Problem]:
         problems: list[Problem] = []
         try:

@@ -1,0 +1,121 @@
+"""``robo-run data``: check a dataset's files and compute its statistics.
+
+    robo-run data check PATH [--dataset NAME] [--window T] [--chunk C] [--json]
+    robo-run data stats PATH [--dataset NAME] [--json]
+
+The dataset reader is a plugin (``--dataset``, default: the default preset's dataset) and
+is built with ``path = PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from robovla import registry_file
+from robovla.errors import RobovlaError
+from robovla.registry import create
+
+STATS_FILE = "robovla_stats.json"
+
+
+def _parser(name: str, help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"robo-run data {name}", description=help)
+    p.add_argument("path", type=Path, help="the dataset folder (for CALVIN: a training/ or validation/ folder)")
+    default = (registry_file.preset(registry_file.default_preset()).get("dataset") or {}).get("name")
+    p.add_argument("--dataset", default=default, help=f"dataset reader plugin (default: {default})")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    return p
+
+
+def _open(args: argparse.Namespace) -> Any:
+    if not args.dataset:
+        raise RobovlaError("no dataset reader chosen; pass --dataset NAME (robo-run plugins lists them)")
+    return create("dataset", args.dataset, {"path": args.path})
+
+
+def cmd_check(argv: list[str]) -> int:
+    p = _parser("check", "Validate a dataset's files and report every problem with its file and key.")
+    p.add_argument("--window", type=int, default=8, help="T, to count the training samples (default 8)")
+    p.add_argument("--chunk", type=int, default=10, help="C, reported with the sample count (default 10)")
+    args = p.parse_args(argv)
+    from robovla.windows import sample_starts
+
+    dataset = _open(args)
+    problems = dataset.check()
+    try:
+        counts = dataset.describe()
+        counts["samples"] = len(sample_starts(dataset.segments(), args.window))
+    except RobovlaError:  # what made it unreadable is among the problems
+        counts = {}
+    report = {"frames": counts.get("frames"), "segments": counts.get("segments"),
+              "annotations": counts.get("annotations"), "samples": counts.get("samples"),
+              "problems": [{"file": q.file, "key": q.key, "message": q.message} for q in problems]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.path}: " + ", ".join(f"{v} {k}" for k, v in report.items() if k != "problems" and v is not None)
+              + f" (window {args.window}, chunk {args.chunk})")
+        for q in problems:
+            print(f"  {q.file}" + (f" [{q.key}]" if q.key else "") + f": {q.message}")
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)}")
+    return 1 if problems else 0
+
+
+def merged_ranges(segments: list) -> list[tuple[int, int]]:
+    """The union of the segments' inclusive frame ranges, as disjoint sorted ranges."""
+    out: list[list[int]] = []
+    for seg in sorted(segments, key=lambda s: s.start):
+        if out and seg.start <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], seg.end)
+        else:
+            out.append([seg.start, seg.end])
+    return [(a, b) for a, b in out]
+
+
+def cmd_stats(argv: list[str]) -> int:
+    args = _parser("stats", f"Per-dimension statistics of robot_obs and the actions of the annotated frames; "
+                            f"written to PATH/{STATS_FILE}.").parse_args(argv)
+    from tqdm import tqdm
+
+    from robovla.stats import RunningStats
+
+    dataset = _open(args)
+    ranges = merged_ranges(dataset.segments())
+    stats: dict[str, RunningStats] = {}
+    with tqdm(total=sum(b - a + 1 for a, b in ranges), unit="frame", desc="stats", file=sys.stderr) as bar:
+        for a, b in ranges:
+            frames = dataset.load(a, b)
+            for key, rows in [("robot_obs", frames.robot_obs), *frames.actions.items()]:
+                stats.setdefault(key, RunningStats(rows.shape[-1])).update(rows)
+            bar.update(b - a + 1)
+    result = {key: s.result() for key, s in stats.items()}
+    (args.path / STATS_FILE).write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key, r in result.items():
+        print(f"{key} ({int(r['count'][0])} frames)")
+        print(f"  {'dim':>3} " + " ".join(f"{c:>10}" for c in ("mean", "std", "min", "q01", "q99", "max")))
+        for d in range(len(r["mean"])):
+            print(f"  {d:>3} " + " ".join(f"{r[c][d]:>10.4f}" for c in ("mean", "std", "min", "q01", "q99", "max")))
+    print(f"written to {args.path / STATS_FILE}")
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "stats": cmd_stats}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip().split("\n\n")[1] if argv else __doc__.strip())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        from robovla.errors import unknown
+
+        raise unknown("data command", argv[0], COMMANDS)
+    return COMMANDS[argv[0]](argv[1:])
+
