@@ -2,6 +2,7 @@
 
     robo-run data check PATH [--dataset NAME] [--window T] [--chunk C] [--json]
     robo-run data stats PATH [--dataset NAME] [--json]
+    robo-run data synth --out DIR [--episodes N] [--seed S] [--dataset NAME]
 
 The dataset reader is a plugin (``--dataset``, default: the default preset's dataset) and
 is built with ``path = PATH``.
@@ -22,9 +23,10 @@ from robovla.registry import create
 STATS_FILE = "robovla_stats.json"
 
 
-def _parser(name: str, help: str) -> argparse.ArgumentParser:
+def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"robo-run data {name}", description=help)
-    p.add_argument("path", type=Path, help="the dataset folder (for CALVIN: a training/ or validation/ folder)")
+    if path:
+        p.add_argument("path", type=Path, help="the dataset folder (for CALVIN: a training/ or validation/ folder)")
     default = (registry_file.preset(registry_file.default_preset()).get("dataset") or {}).get("name")
     p.add_argument("--dataset", default=default, help=f"dataset reader plugin (default: {default})")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -106,7 +108,25 @@ def cmd_stats(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "stats": cmd_stats}
+def cmd_synth(argv: list[str]) -> int:
+    p = _parser("synth", "Write the dataset format's synthetic task (a dataset capability: `synthesize`).",
+                path=False)
+    p.add_argument("--out", type=Path, required=True, help="folder to write (training/ and validation/ inside)")
+    p.add_argument("--episodes", type=int, default=200, help="training episodes (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
+    args = p.parse_args(argv)
+    from robovla.registry import get_component
+
+    cls = get_component("dataset", args.dataset).load()
+    if not callable(getattr(cls, "synthesize", None)):
+        raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
+    counts = cls.synthesize(args.out, args.episodes, args.seed)
+    print(json.dumps(counts) if args.json else
+          "\n".join(f"{args.out / split}: {c['episodes']} episodes, {c['frames']} frames" for split, c in counts.items()))
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "stats": cmd_stats, "synth": cmd_synth}
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ from pydantic import Field
 import robovla
 from robovla.dataset import Frames, Problem, Segment
 from robovla_plugins.datasets.calvin_actions import AbsWorld, RelTcp, RelWorld
+from robovla_plugins.datasets.calvin_synth import SyntheticReach, write_task
 
 CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
 SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (15,), "actions": (7,),
@@ -29,6 +30,11 @@ ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
 @robovla.hookimpl
 def register_datasets(register):
     register("calvin", CalvinDataset)
+
+
+@robovla.hookimpl
+def register_envs(register):
+    register("synthetic", SyntheticReach)
 
 
 @robovla.hookimpl
@@ -67,6 +73,11 @@ class CalvinDataset(robovla.Dataset):
     @property
     def cameras(self) -> tuple[str, ...]:
         return tuple(self.config.cameras)
+
+    @classmethod
+    def synthesize(cls, out: Path, episodes: int, seed: int) -> dict[str, Any]:
+        """Write the synthetic reach task (training/ and validation/) in CALVIN's layout."""
+        return write_task(Path(out), episodes, seed)
 
     # -------------------------------------------------------------- listing and reading
 
