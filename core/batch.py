@@ -59,10 +59,17 @@ class Batch:
             raise ValueError("invalid Batch:\n  " + "\n  ".join(problems))
         return self
 
+    def pin_memory(self) -> Batch:
+        """The batch in pinned memory (DataLoader calls this with pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
+
     def to(self, device: Any) -> Batch:
         """The batch with every tensor moved to ``device`` (torch tensors only)."""
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Any) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved["images"] = {k: v.to(device) for k, v in self.images.items()}
+        moved["images"] = {k: fn(v) for k, v in self.images.items()}
         for key in ("robot_obs", "actions", "action_mask", "frame_mask"):
-            moved[key] = moved[key].to(device)
+            moved[key] = fn(moved[key])
         return Batch(**moved)

@@ -3,6 +3,7 @@
     robo-run data check PATH [--dataset NAME] [--window T] [--chunk C] [--json]
     robo-run data stats PATH [--dataset NAME] [--json]
     robo-run data synth --out DIR [--episodes N] [--seed S] [--dataset NAME]
+    robo-run data cache PATH [--out DIR] [--dataset NAME]
 
 The dataset reader is a plugin (``--dataset``, default: the default preset's dataset) and
 is built with ``path = PATH``.
@@ -21,6 +22,7 @@ from robovla.errors import RobovlaError
 from robovla.registry import create
 
 STATS_FILE = "robovla_stats.json"
+CACHE_DIR = "robovla_cache"
 
 
 def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
@@ -67,22 +69,12 @@ def cmd_check(argv: list[str]) -> int:
     return 1 if problems else 0
 
 
-def merged_ranges(segments: list) -> list[tuple[int, int]]:
-    """The union of the segments' inclusive frame ranges, as disjoint sorted ranges."""
-    out: list[list[int]] = []
-    for seg in sorted(segments, key=lambda s: s.start):
-        if out and seg.start <= out[-1][1] + 1:
-            out[-1][1] = max(out[-1][1], seg.end)
-        else:
-            out.append([seg.start, seg.end])
-    return [(a, b) for a, b in out]
-
-
 def cmd_stats(argv: list[str]) -> int:
     args = _parser("stats", f"Per-dimension statistics of robot_obs and the actions of the annotated frames; "
                             f"written to PATH/{STATS_FILE}.").parse_args(argv)
     from tqdm import tqdm
 
+    from robovla.frame_cache import merged_ranges
     from robovla.stats import RunningStats
 
     dataset = _open(args)
@@ -126,7 +118,23 @@ def cmd_synth(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "stats": cmd_stats, "synth": cmd_synth}
+def cmd_cache(argv: list[str]) -> int:
+    p = _parser("cache", "Build the frame cache of the frames the dataset's windows touch (also built on first use).")
+    p.add_argument("--out", type=Path, default=None, help=f"cache folder (default: PATH/{CACHE_DIR})")
+    args = p.parse_args(argv)
+    from robovla.frame_cache import CachedDataset, is_current
+
+    dataset = _open(args)
+    folder = args.out or args.path / CACHE_DIR
+    state = "up to date" if is_current(dataset, folder) else "built"
+    cached = CachedDataset(dataset, folder)
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    print(f"{folder}: {state}, {int(cached.ranges[:, 1].sum() - cached.ranges[:, 0].sum() + len(cached.ranges))} "
+          f"frames, {size / 2**20:.1f} MiB")
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "stats": cmd_stats, "synth": cmd_synth, "cache": cmd_cache}
 
 
 def main(argv: list[str]) -> int:

@@ -69,6 +69,11 @@ class Dataset(abc.ABC):
     def check(self) -> list[Problem]:
         """Validate the files; every problem, each with its file and key. Empty when clean."""
 
+    def fingerprint(self) -> str | None:
+        """A value that changes whenever the files change (the frame cache compares it);
+        None means unknown, and a cache is then rebuilt every time."""
+        return None
+
     def describe(self) -> dict[str, int]:
         """Counts for reports (``robo-run data check``); datasets add their own (frames, ...)."""
         return {"annotations": len(self.segments())}

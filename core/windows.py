@@ -76,8 +76,16 @@ def collate(windows: list[Window]):
 
     from robovla.batch import Batch
 
+    in_worker = torch.utils.data.get_worker_info() is not None
+
     def stack(arrays: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack(arrays))
+        # In a DataLoader worker, stack straight into shared memory: the batch then crosses to
+        # the main process without the copy torch would otherwise make.
+        out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(arrays[0][:0]).dtype)
+        if in_worker:
+            out.share_memory_()
+        np.stack(arrays, out=out.numpy())
+        return out
 
     cams = windows[0].images
     return Batch(

@@ -9,6 +9,8 @@ info.indx). Vectors are stored as float64. Pickle is read for the annotation fil
 
 from __future__ import annotations
 
+import hashlib
+import os
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +134,21 @@ class CalvinDataset(robovla.Dataset):
                       actions={k: np.stack(data[k]) for k in self.config.action_keys})
 
     # ------------------------------------------------------------------------ checking
+
+    def fingerprint(self) -> str:
+        """Changes with the options, the index files, and any frame file's size or time."""
+        h = hashlib.sha256(self.config.model_dump_json(exclude={"path"}).encode())
+        for name in ("ep_start_end_ids.npy", ANNOTATIONS):
+            file = self.root / name
+            h.update(file.read_bytes() if file.is_file() else b"-")
+        count = size = newest = 0
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.endswith(".npz"):
+                    st = entry.stat()
+                    count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
+        h.update(f"{count}:{size}:{newest}".encode())
+        return h.hexdigest()
 
     def describe(self) -> dict[str, int]:
         ranges = self.recordings()

@@ -1,0 +1,133 @@
+"""A frame cache: the frames a dataset's windows touch, contiguous and memory-mapped.
+
+Reading a CALVIN window costs one compressed npz per frame (18 for T=8, C=10). The cache
+decompresses each frame once into plain ``.npy`` arrays (one per camera, robot_obs and
+action key) and an index of frame-id ranges, so that a window is a slice. It is rebuilt
+when the dataset's fingerprint changes, and written to a temporary folder that is renamed
+into place only when complete.
+
+    cache/
+      index.json          {"fingerprint", "ranges": [[first_id, last_id, first_row], ...], ...}
+      image_static.npy    uint8 [N, H, W, 3]   (one per camera)
+      robot_obs.npy       float [N, 15]
+      action_rel_actions.npy ...
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robovla.dataset import Dataset, Frames, Problem, Segment
+
+VERSION = 1
+BLOCK = 256  # frames read from the source per step while building
+
+
+def merged_ranges(segments: list[Segment]) -> list[tuple[int, int]]:
+    """The union of the segments' inclusive frame ranges, as disjoint sorted ranges."""
+    out: list[list[int]] = []
+    for seg in sorted(segments, key=lambda s: s.start):
+        if out and seg.start <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], seg.end)
+        else:
+            out.append([seg.start, seg.end])
+    return [(a, b) for a, b in out]
+
+
+def build(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
+    """Write the cache of ``dataset`` into ``folder`` (replacing an old one atomically)."""
+    from tqdm import tqdm
+
+    ranges = merged_ranges(dataset.segments())
+    total = sum(b - a + 1 for a, b in ranges)
+    if total == 0:
+        raise ValueError(f"{type(dataset).__name__} lists no annotated frames to cache")
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    arrays: dict[str, np.ndarray] = {}
+    row, index = 0, []
+    with tqdm(total=total, unit="frame", desc=f"caching {folder.name}", file=sys.stderr, disable=not progress) as bar:
+        for first, last in ranges:
+            index.append([first, last, row])
+            for a in range(first, last + 1, BLOCK):
+                b = min(a + BLOCK - 1, last)
+                frames = dataset.load(a, b)
+                parts = {**{f"image_{c}": v for c, v in frames.images.items()}, "robot_obs": frames.robot_obs,
+                         **{f"action_{k}": v for k, v in frames.actions.items()}}
+                for name, value in parts.items():
+                    if name not in arrays:
+                        arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=value.dtype,
+                                                                 shape=(total, *value.shape[1:]))
+                    arrays[name][row: row + len(value)] = value
+                row += b - a + 1
+                bar.update(b - a + 1)
+    for array in arrays.values():
+        array.flush()
+    meta = {"version": VERSION, "fingerprint": dataset.fingerprint(), "ranges": index, "frames": total,
+            "arrays": sorted(arrays)}
+    (tmp / "index.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def is_current(dataset: Dataset, folder: Path) -> bool:
+    """Whether ``folder`` holds a complete cache of ``dataset`` as it is now."""
+    try:
+        meta = json.loads((Path(folder) / "index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    current = dataset.fingerprint()
+    return current is not None and meta.get("version") == VERSION and meta.get("fingerprint") == current
+
+
+class CachedDataset(Dataset):
+    """A dataset read from its frame cache; same segments, same frames, no decompression."""
+
+    def __init__(self, source: Dataset, folder: Path, rebuild: bool = True):
+        super().__init__(source.config)
+        self.source, self.folder = source, Path(folder)
+        if not is_current(source, self.folder):
+            if not rebuild:
+                raise FileNotFoundError(f"{self.folder}: no current frame cache; build it with `robo-run data cache`")
+            build(source, self.folder)
+        meta = json.loads((self.folder / "index.json").read_text())
+        self.ranges = np.asarray(meta["ranges"], dtype=np.int64).reshape(-1, 3)
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(n.removeprefix("image_") for n in self.arrays if n.startswith("image_"))
+
+    def segments(self) -> list[Segment]:
+        return self.source.segments()
+
+    def check(self) -> list[Problem]:
+        return self.source.check()
+
+    def describe(self) -> dict[str, int]:
+        return self.source.describe()
+
+    def fingerprint(self) -> Any:
+        return self.source.fingerprint()
+
+    def load(self, start: int, end: int) -> Frames:
+        i = int(np.searchsorted(self.ranges[:, 0], start, side="right")) - 1
+        if i < 0 or end > self.ranges[i, 1]:
+            raise KeyError(f"frames {start}..{end} are not in the frame cache {self.folder} (it holds the "
+                           "annotated ranges); rebuild it with `robo-run data cache`")
+        a = int(self.ranges[i, 2] + start - self.ranges[i, 0])
+        rows = slice(a, a + end - start + 1)
+        return Frames(images={n.removeprefix("image_"): np.asarray(v[rows]) for n, v in self.arrays.items()
+                              if n.startswith("image_")},
+                      robot_obs=np.asarray(self.arrays["robot_obs"][rows]),
+                      actions={n.removeprefix("action_"): np.asarray(v[rows]) for n, v in self.arrays.items()
+                               if n.startswith("action_")})
