@@ -1,0 +1,113 @@
+"""The frame cache reads what the npz files hold; the loader shuffles, shards and augments
+deterministically."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import robovla
+from robovla.frame_cache import CachedDataset, is_current
+from robovla.loader import Preprocess, ShardedSampler, make_loader, random_shift, resize
+from robovla.windows import WindowDataset
+
+from calvin_files import FIRST, write_split
+
+
+@pytest.fixture
+def split(tmp_path):
+    return write_split(tmp_path / "training", recordings=[(FIRST, FIRST + 24), (FIRST + 30, FIRST + 45)],
+                       annotations=[(FIRST + 1, FIRST + 12, "open the drawer", "open_drawer"),
+                                    (FIRST + 8, FIRST + 20, "close the drawer", "close_drawer"),
+                                    (FIRST + 30, FIRST + 45, "lift the red block", "lift_red_block")])
+
+
+def test_cached_windows_equal_npz_windows(split, tmp_path):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    cached = CachedDataset(source, tmp_path / "cache")
+    assert is_current(source, tmp_path / "cache") and cached.ranges.tolist() == [
+        [FIRST + 1, FIRST + 20, 0], [FIRST + 30, FIRST + 45, 20]]  # the annotated frames, merged
+    space = robovla.create("action_space", "rel-world")
+    a, b = WindowDataset(source, space, 8, 10), WindowDataset(cached, space, 8, 10)
+    assert len(a) == len(b) == (12 - 1 - 8 + 2) + (20 - 8 - 8 + 2) + (45 - 30 - 8 + 2)
+    for i in range(len(a)):
+        x, y = a[i], b[i]
+        for cam in x.images:
+            np.testing.assert_array_equal(x.images[cam], y.images[cam])
+        np.testing.assert_array_equal(x.actions, y.actions)
+        np.testing.assert_array_equal(x.action_mask, y.action_mask)
+        np.testing.assert_array_equal(x.robot_obs, y.robot_obs)
+    with pytest.raises(KeyError, match="not in the frame cache"):
+        cached.load(FIRST + 21, FIRST + 22)
+
+
+def test_cache_is_rebuilt_when_the_source_changes(split, tmp_path):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    CachedDataset(source, tmp_path / "cache")
+    frame = split / f"episode_{FIRST + 5:07d}.npz"
+    with np.load(frame) as npz:
+        data = dict(npz)
+    data["rel_actions"] = data["rel_actions"] * 0 + 0.5
+    np.savez_compressed(frame, **data)
+    os.utime(frame, ns=(1, 10**19))  # a newer time, whatever the file system's resolution
+    assert not is_current(source, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="no current frame cache"):
+        CachedDataset(source, tmp_path / "cache", rebuild=False)
+    rebuilt = CachedDataset(source, tmp_path / "cache")
+    assert rebuilt.load(FIRST + 5, FIRST + 5).actions["rel_actions"][0, 0] == 0.5
+    other = robovla.create("dataset", "calvin", {"path": split, "cameras": ["gripper"]})
+    assert not is_current(other, tmp_path / "cache")  # other options, other content
+    (tmp_path / "cache" / "index.json").unlink()  # an interrupted build leaves no index
+    assert not is_current(source, tmp_path / "cache")
+
+
+def test_random_shift_is_an_edge_padded_crop_per_frame():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (8, 20, 20, 3), dtype=np.uint8)
+    shifted = random_shift(images, 4, np.random.default_rng(1))
+    dy, dx = np.random.default_rng(1).integers(0, 9, size=(2, 8))
+    padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")
+    for t in range(8):
+        np.testing.assert_array_equal(shifted[t], padded[t, dy[t]: dy[t] + 20, dx[t]: dx[t] + 20])
+    assert len({(a, b) for a, b in zip(dy, dx)}) > 1  # drawn per frame
+    assert random_shift(images, 0, rng) is images
+
+
+def test_resize_keeps_uint8_and_values():
+    flat = np.full((2, 84, 84, 3), 77, np.uint8)
+    out = resize(flat, 224)
+    assert out.shape == (2, 224, 224, 3) and out.dtype == np.uint8 and (out == 77).all()
+    ramp = np.tile(np.linspace(0, 255, 200).astype(np.uint8)[None, None, :, None], (1, 200, 1, 3))
+    float_ref = torch.nn.functional.interpolate(torch.from_numpy(ramp).permute(0, 3, 1, 2).float(), size=(224, 224),
+                                                mode="bilinear", align_corners=False, antialias=True)
+    assert np.abs(resize(ramp, 224).astype(int) - float_ref.round().permute(0, 2, 3, 1).numpy()).max() <= 1
+
+
+def test_sampler_shards_cover_every_sample_and_depend_only_on_seed_and_epoch():
+    parts = [list(ShardedSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4] and set(sum(parts, [])) == set(range(10))
+    assert list(ShardedSampler(10, seed=3)) == list(ShardedSampler(10, seed=3))
+    later = ShardedSampler(10, seed=3)
+    later.set_epoch(1)
+    assert list(later) != list(ShardedSampler(10, seed=3))
+    assert list(ShardedSampler(5, shuffle=False, rank=1, world_size=2)) == [1, 3, 0]
+    with pytest.raises(ValueError, match="rank 2 is outside world size 2"):
+        ShardedSampler(5, rank=2, world_size=2)
+
+
+def test_loader_batches_are_the_same_with_or_without_workers(split):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    windows = WindowDataset(source, robovla.create("action_space", "rel-world"), 8, 10)
+    runs = []
+    for workers in (0, 2):
+        loader = make_loader(windows, 4, preprocess=Preprocess(image_size=32), num_workers=workers, seed=7)
+        runs.append(list(loader))
+    assert len(runs[0]) == len(windows) // 4
+    for a, b in zip(*runs):
+        a.validate()
+        assert tuple(a.images["static"].shape) == (4, 8, 32, 32, 3)
+        assert a.instruction == b.instruction
+        for cam in a.images:
+            assert torch.equal(a.images[cam], b.images[cam])
+        assert torch.equal(a.actions, b.actions)
