@@ -76,16 +76,10 @@ def collate(windows: list[Window]):
 
     from robovla.batch import Batch
 
-    in_worker = torch.utils.data.get_worker_info() is not None
-
     def stack(arrays: list[np.ndarray]) -> torch.Tensor:
-        # In a DataLoader worker, stack straight into shared memory: the batch then crosses to
-        # the main process without the copy torch would otherwise make.
-        out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(arrays[0][:0]).dtype)
-        if in_worker:
-            out.share_memory_()
-        np.stack(arrays, out=out.numpy())
-        return out
+        # default_collate stacks straight into shared memory inside a DataLoader worker, so the
+        # batch crosses to the main process without another copy.
+        return torch.utils.data.default_collate([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
 
     cams = windows[0].images
     return Batch(
