@@ -129,8 +129,7 @@ def cmd_cache(argv: list[str]) -> int:
     state = "up to date" if is_current(dataset, folder) else "built"
     cached = CachedDataset(dataset, folder)
     size = sum(f.stat().st_size for f in folder.iterdir())
-    print(f"{folder}: {state}, {int(cached.ranges[:, 1].sum() - cached.ranges[:, 0].sum() + len(cached.ranges))} "
-          f"frames, {size / 2**20:.1f} MiB")
+    print(f"{folder}: {state}, {len(cached.arrays['robot_obs'])} frames, {size / 2**20:.1f} MiB")
     return 0
 
 

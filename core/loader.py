@@ -35,9 +35,11 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     """
     if images.shape[1:3] == (size, size):
         return images
-    x = torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2)  # [T, 3, H, W] view, channels-last
+    if not (images.flags.writeable and images.flags.c_contiguous):  # e.g. a read-only cache slice
+        images = np.array(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)  # [T, 3, H, W] view, channels-last
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.permute(0, 2, 3, 1).contiguous().numpy()
+    return x.permute(0, 2, 3, 1).contiguous().numpy()  # already contiguous: no copy
 
 
 @dataclass
