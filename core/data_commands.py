@@ -79,9 +79,10 @@ def cmd_stats(argv: list[str]) -> int:
 
     dataset = _open(args)
     ranges = merged_ranges(dataset.segments())
+    blocks = [(a, min(a + 255, b)) for first, b in ranges for a in range(first, b + 1, 256)]  # bounded memory
     stats: dict[str, RunningStats] = {}
-    with tqdm(total=sum(b - a + 1 for a, b in ranges), unit="frame", desc="stats", file=sys.stderr) as bar:
-        for a, b in ranges:
+    with tqdm(total=sum(b - a + 1 for a, b in blocks), unit="frame", desc="stats", file=sys.stderr) as bar:
+        for a, b in blocks:
             frames = dataset.load(a, b)
             for key, rows in [("robot_obs", frames.robot_obs), *frames.actions.items()]:
                 stats.setdefault(key, RunningStats(rows.shape[-1])).update(rows)
@@ -127,7 +128,7 @@ def cmd_cache(argv: list[str]) -> int:
     dataset = _open(args)
     folder = args.out or args.path / CACHE_DIR
     state = "up to date" if is_current(dataset, folder) else "built"
-    cached = CachedDataset(dataset, folder)
+    cached = CachedDataset(dataset, folder)  # builds under a lock unless current
     size = sum(f.stat().st_size for f in folder.iterdir())
     print(f"{folder}: {state}, {len(cached.arrays['robot_obs'])} frames, {size / 2**20:.1f} MiB")
     return 0

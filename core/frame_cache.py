@@ -3,8 +3,9 @@
 Reading a CALVIN window costs one compressed npz per frame (18 for T=8, C=10). The cache
 decompresses each frame once into plain ``.npy`` arrays (one per camera, robot_obs and
 action key) and an index of frame-id ranges, so that a window is a slice. It is rebuilt
-when the dataset's fingerprint changes, and written to a temporary folder that is renamed
-into place only when complete.
+when the dataset's fingerprint (taken before reading) changes. Builders take a lock file
+beside the folder, so that several processes (e.g. training ranks) build it once, and
+write into a private temporary folder that is renamed into place only when complete.
 
     cache/
       index.json          {"fingerprint", "ranges": [[first_id, last_id, first_row], ...], ...}
@@ -15,7 +16,10 @@ into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -40,16 +44,39 @@ def merged_ranges(segments: list[Segment]) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
+@contextlib.contextmanager
+def locked(folder: Path):
+    """An exclusive lock on ``<folder>.lock`` for as long as the block runs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
+    """Build the cache unless a current one is there; safe to call from many processes at once."""
+    folder = Path(folder)
+    with locked(folder):
+        if not is_current(dataset, folder):
+            build(dataset, folder, progress)
+    return folder
+
+
 def build(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
-    """Write the cache of ``dataset`` into ``folder`` (replacing an old one atomically)."""
+    """Write the cache of ``dataset`` into ``folder``, replacing an old one (callers hold the
+    lock: use :func:`ensure`)."""
     from tqdm import tqdm
 
+    fingerprint = dataset.fingerprint()  # before reading: a change during the build makes it stale
     ranges = merged_ranges(dataset.segments())
     total = sum(b - a + 1 for a, b in ranges)
     if total == 0:
         raise ValueError(f"{type(dataset).__name__} lists no annotated frames to cache")
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     arrays: dict[str, np.ndarray] = {}
@@ -71,7 +98,7 @@ def build(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
                 bar.update(b - a + 1)
     for array in arrays.values():
         array.flush()
-    meta = {"version": VERSION, "fingerprint": dataset.fingerprint(), "ranges": index, "frames": total,
+    meta = {"version": VERSION, "fingerprint": fingerprint, "ranges": index, "frames": total,
             "arrays": sorted(arrays)}
     (tmp / "index.json").write_text(json.dumps(meta))
     shutil.rmtree(folder, ignore_errors=True)
@@ -95,13 +122,23 @@ class CachedDataset(Dataset):
     def __init__(self, source: Dataset, folder: Path, rebuild: bool = True):
         super().__init__(source.config)
         self.source, self.folder = source, Path(folder)
-        if not is_current(source, self.folder):
-            if not rebuild:
-                raise FileNotFoundError(f"{self.folder}: no current frame cache; build it with `robo-run data cache`")
-            build(source, self.folder)
+        if rebuild:
+            ensure(source, self.folder)
+        elif not is_current(source, self.folder):
+            raise FileNotFoundError(f"{self.folder}: no current frame cache; build it with `robo-run data cache`")
+        self._open()
+
+    def _open(self) -> None:
         meta = json.loads((self.folder / "index.json").read_text())
         self.ranges = np.asarray(meta["ranges"], dtype=np.int64).reshape(-1, 3)
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+
+    def __getstate__(self) -> dict[str, Any]:  # workers reopen the maps instead of pickling their contents
+        return {k: v for k, v in self.__dict__.items() if k not in ("arrays", "ranges")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     @property
     def cameras(self) -> tuple[str, ...]:

@@ -18,7 +18,8 @@ from robovla.windows import Window, WindowDataset, collate
 
 def random_shift(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [T, H, W, 3] -> the same shape: each frame padded by ``pad`` (edge replicate) and
-    cropped back at a random offset in [0, 2 pad] (RoboVLMs' random shift, drawn per frame)."""
+    cropped back at a random offset in [0, 2 pad], drawn per frame. (RoboVLMs draws from
+    [1, 2 pad], a one-pixel bias that is not reproduced.)"""
     if pad <= 0:
         return images
     t, h, w, _ = images.shape
@@ -44,7 +45,8 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass
 class Preprocess:
-    """What the workers do to every window: shift (training only), then resize."""
+    """What the workers do to every window: resize, then shift (training only), as the recipe
+    does: its pads (10 px static, 4 px gripper) are in pixels of the resized image."""
 
     image_size: int | None = None  # S; None keeps the dataset's sizes
     shift: dict[str, int] = field(default_factory=lambda: {"static": 10, "gripper": 4})  # pad per camera
@@ -53,9 +55,8 @@ class Preprocess:
     def __call__(self, window: Window, rng: np.random.Generator) -> Window:
         images = {}
         for cam, img in window.images.items():
-            if self.train:
-                img = random_shift(img, self.shift.get(cam, 0), rng)
-            images[cam] = resize(img, self.image_size) if self.image_size else img
+            img = resize(img, self.image_size) if self.image_size else img
+            images[cam] = random_shift(img, self.shift.get(cam, 0), rng) if self.train else img
         return replace(window, images=images)
 
 
@@ -66,14 +67,18 @@ class ShardedSampler(torch.utils.data.Sampler):
     gets the same number of samples (as torch's DistributedSampler with drop_last=False).
     """
 
-    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 dataset: Any = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.dataset = 0, dataset
 
     def set_epoch(self, epoch: int) -> None:
+        """Next epoch's order; also the dataset's augmentation draws (``dataset.epoch``)."""
         self.epoch = epoch
+        if self.dataset is not None:
+            self.dataset.epoch = epoch
 
     def __len__(self) -> int:
         return -(-self.n // self.world)
@@ -81,7 +86,7 @@ class ShardedSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
         total = len(self) * self.world
-        order = np.concatenate([order, order[: total - self.n]])
+        order = np.resize(order, total)  # repeats from the start as often as needed
         return iter(order[self.rank: total: self.world].tolist())
 
 
@@ -103,7 +108,7 @@ def make_loader(windows: WindowDataset, batch_size: int, *, preprocess: Preproce
                 pin_memory: bool = False, drop_last: bool = True, **kwargs: Any) -> torch.utils.data.DataLoader:
     """The DataLoader for training or validation: workers read and preprocess, batches are :class:`Batch`."""
     data = AugmentedWindows(windows, preprocess or Preprocess(), seed)
-    sampler = ShardedSampler(len(data), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    sampler = ShardedSampler(len(data), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, dataset=data)
     return torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                                        collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last,
                                        persistent_workers=False, **kwargs)

@@ -24,14 +24,15 @@ def write_split(root: Path, recordings: list[tuple[int, int]], annotations: list
     """Write frames for each inclusive (start, end) recording and the language annotations."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
+    ramp = np.add.outer(np.arange(200), np.arange(200))[:, :, None]  # texture, so that shifts show
     for start, end in recordings:
         for frame in range(start, end + 1):
             robot_obs = np.concatenate([rng.uniform(-0.3, 0.3, 3), [3.09, -0.03, 1.5], [0.08],
                                         rng.uniform(-1, 1, 7), [1.0]])
             np.savez_compressed(
                 root / f"episode_{frame:07d}.npz",
-                rgb_static=np.full((200, 200, 3), frame % 256, np.uint8),
-                rgb_gripper=np.full((84, 84, 3), (frame * 7) % 256, np.uint8),
+                rgb_static=((frame + ramp + np.zeros(3, int)) % 256).astype(np.uint8),
+                rgb_gripper=((frame * 7 + ramp[:84, :84] + np.zeros(3, int)) % 256).astype(np.uint8),
                 robot_obs=robot_obs.astype(np.float64),
                 actions=np.concatenate([robot_obs[:6], [1.0]]).astype(np.float64),
                 rel_actions=rel_action(frame).astype(np.float64),

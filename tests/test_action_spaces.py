@@ -114,3 +114,23 @@ def test_running_stats_reservoir_keeps_quantiles_close_on_large_streams():
     assert result["count"] == [50_000.0]
     np.testing.assert_allclose(result["mean"], rows.mean(0), atol=1e-12)
     np.testing.assert_allclose(result["q99"], np.quantile(rows, 0.99, axis=0), atol=0.1)
+
+
+def test_tcp_round_trip_past_gimbal_lock_picks_the_nearer_euler_form():
+    obs = np.zeros(15)
+    obs[3:6] = [3.0, 1.55, 1.5]  # pitch + 0.05 * dpitch crosses pi/2
+    rel = np.array([0, 0, 0, 0, 1, 0, 1.0])
+    np.testing.assert_allclose(tcp_to_world(world_to_tcp(rel, obs), obs), rel, atol=1e-6)
+
+
+def test_abs_world_keeps_a_roll_near_pi_in_one_piece():
+    rng = np.random.default_rng(5)
+    roll = wrap(np.pi + rng.normal(0, 0.04, 500))  # both signs, like CALVIN's TCP
+    poses = np.stack([rng.uniform(-0.2, 0.2, 500), rng.uniform(-0.2, 0.2, 500), np.full(500, 0.5), roll,
+                      np.zeros(500), np.full(500, 1.5), np.ones(500)], axis=1)
+    space = robovla.create("action_space", "abs-world")
+    space.fit([(poses, np.zeros((500, 15)))])
+    enc = space.encode(poses, None)
+    decoded = space.decode(enc.mean(0, keepdims=True), None)[0]
+    assert abs(wrap(decoded[3] - np.pi)) < 0.05  # the mean target is still a roll near pi
+    np.testing.assert_allclose(wrap(space.decode(enc, None)[:, 3] - roll), 0, atol=1e-6)

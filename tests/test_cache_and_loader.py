@@ -111,3 +111,41 @@ def test_loader_batches_are_the_same_with_or_without_workers(split):
         for cam in a.images:
             assert torch.equal(a.images[cam], b.images[cam])
         assert torch.equal(a.actions, b.actions)
+
+
+def test_concurrent_builders_leave_one_complete_cache(split, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import robovla; from robovla.frame_cache import ensure; "
+            f"ensure(robovla.create('dataset', 'calvin', {{'path': {str(split)!r}}}), {str(tmp_path / 'cache')!r}, False)")
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    source = robovla.create("dataset", "calvin", {"path": split})
+    cached = CachedDataset(source, tmp_path / "cache", rebuild=False)
+    frames = source.load(FIRST + 1, FIRST + 20)
+    np.testing.assert_array_equal(cached.load(FIRST + 1, FIRST + 20).images["static"], frames.images["static"])
+    assert not list(tmp_path.glob("cache.tmp-*"))
+
+
+def test_a_same_size_rewrite_with_the_old_time_still_invalidates(split, tmp_path):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    CachedDataset(source, tmp_path / "cache")
+    frame = split / f"episode_{FIRST + 2:07d}.npz"
+    before = frame.stat()
+    other = (split / f"episode_{FIRST + 3:07d}.npz").read_bytes()
+    frame.write_bytes(other[: before.st_size].ljust(before.st_size, b"\0"))
+    os.utime(frame, ns=(before.st_atime_ns, before.st_mtime_ns))  # what cp -p or rsync -t do
+    assert frame.stat().st_size == before.st_size and frame.stat().st_mtime_ns == before.st_mtime_ns
+    assert not is_current(source, tmp_path / "cache")
+
+
+def test_augmentation_changes_with_the_epoch_and_shards_stay_equal(split):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    windows = WindowDataset(source, robovla.create("action_space", "rel-world"), 8, 10)
+    loader = make_loader(windows, 2, preprocess=Preprocess(image_size=32), shuffle=False, num_workers=0)
+    first = next(iter(loader)).images["static"]
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(next(iter(loader)).images["static"], first)
+    lengths = [len(list(ShardedSampler(3, seed=0, rank=r, world_size=8))) for r in range(8)]
+    assert lengths == [1] * 8

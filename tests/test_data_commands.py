@@ -71,3 +71,21 @@ def test_stats_are_written_next_to_the_data(clean, capsys):
     np.testing.assert_allclose(result["rel_actions"]["mean"], rel.mean(0), atol=1e-12)
     np.testing.assert_allclose(result["rel_actions"]["max"], rel.max(0))
     assert set(result) == {"robot_obs", "rel_actions", "actions"} and len(result["robot_obs"]["q99"]) == 15
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "lang_annotations/auto_lang_ann.npy").write_bytes(b""), "auto_lang_ann.npy: expected a pickled dict"),
+    (lambda d: np.save(d / "lang_annotations/auto_lang_ann.npy", np.arange(3)), "auto_lang_ann.npy: expected a pickled dict"),
+    (lambda d: np.save(d / "ep_start_end_ids.npy", np.array([[FIRST + 19, FIRST]])), "end before they start"),
+    (lambda d: (d / "ep_start_end_ids.npy").write_bytes(b""), "ep_start_end_ids.npy: cannot read"),
+    (lambda d: np.save(d / f"episode_{FIRST + 4:07d}.npz", np.zeros(3)), "not an npz archive"),
+])
+def test_malformed_files_are_problems_not_crashes(clean, tmp_path, capsys, damage, message):
+    bad = tmp_path / "training"
+    shutil.copytree(clean, bad)
+    damage(bad)
+    if (bad / f"episode_{FIRST + 4:07d}.npz.npy").exists():  # np.save appends .npy: put it under the frame's name
+        (bad / f"episode_{FIRST + 4:07d}.npz.npy").rename(bad / f"episode_{FIRST + 4:07d}.npz")
+    code, report = check_json(bad, capsys)
+    assert code == 1 and any(message in p["message"] or message in p["file"] + ": " + p["message"]
+                             for p in report["problems"]), report["problems"]

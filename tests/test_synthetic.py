@@ -77,9 +77,21 @@ def test_env_checks_commands_and_tasks():
     obs = env.reset(3)
     assert obs.images["static"].shape == (200, 200, 3) and obs.images["gripper"].shape == (84, 84, 3)
     assert obs.robot_obs.shape == (15,) and len(env.tasks) == 3
-    missing = next(f"reach_{c}_block" for c in COLOURS if c not in make_scene(3).colours)
+    missing = next(f"reach_{c}_block" for c in COLOURS if c not in make_scene(1, 3).colours)
     with pytest.raises(ValueError, match="not feasible in this scene"):
         env.start_task(missing)
-    assert env.start_task(env.tasks[1]).endswith(f"{make_scene(3).colours[1]} block")
+    assert env.start_task(env.tasks[1]).endswith(f"{make_scene(1, 3).colours[1]} block")
     with pytest.raises(ValueError, match="gripper exactly -1 or \\+1"):
         env.step(np.array([0, 0, 0, 0, 0, 0, 0.3]))
+
+
+def test_environment_scenes_are_not_the_training_scenes(task):
+    data = robovla.create("dataset", "calvin", {"path": task / "training"})
+    env = robovla.create("env", "synthetic")
+    written = [seg.instruction for seg in data.segments()]
+    for seed in range(24):
+        env.reset(seed)
+        assert not np.array_equal(env.scene.blocks, make_scene(0, 5, seed).blocks)
+    assert make_scene(0, 5, 0).instruction == written[0]  # the writer's key, for contrast
+    with pytest.raises(ValueError, match="finite"):
+        env.step(np.array([np.nan, 0, 0, 0, 0, 0, 1.0]))

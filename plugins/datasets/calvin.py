@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,32 +87,39 @@ class CalvinDataset(robovla.Dataset):
         file = self.root / "ep_start_end_ids.npy"
         try:
             ids = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise CalvinDataError(f"{file}: cannot read ({exc})") from None
-        if ids.ndim != 2 or ids.shape[1] != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise CalvinDataError(f"{file}: expected an integer array [n, 2], got {ids.dtype} {ids.shape}")
+        except Exception as exc:  # missing, empty, truncated, pickled, not .npy at all
+            raise CalvinDataError(f"{file}: cannot read ({type(exc).__name__}: {exc})") from None
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.shape[1] != 2 or \
+                not np.issubdtype(ids.dtype, np.integer):
+            raise CalvinDataError(f"{file}: expected an integer array [n, 2], got "
+                                  f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
+        bad = np.flatnonzero(ids[:, 0] > ids[:, 1])
+        if len(bad):
+            raise CalvinDataError(f"{file}: rows {bad.tolist()} end before they start (ranges are [start, end], "
+                                  "inclusive)")
         return ids.astype(np.int64)
 
     def annotations(self) -> dict[str, Any]:
         """The annotation dict as stored (pickle: CALVIN's format), checked for its keys."""
         file = self.root / ANNOTATIONS
+        if not file.is_file():
+            raise CalvinDataError(f"{file}: missing; a CALVIN split has lang_annotations/auto_lang_ann.npy")
         try:
             ann = np.load(file, allow_pickle=True).item()
-            texts, tasks, indx = ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"]
-        except FileNotFoundError:
-            raise CalvinDataError(f"{file}: missing; a CALVIN split has lang_annotations/auto_lang_ann.npy") from None
-        except (KeyError, TypeError, AttributeError, ValueError, OSError) as exc:
-            raise CalvinDataError(f"{file}: expected a dict with language.ann, language.task and info.indx "
-                                  f"({type(exc).__name__}: {exc})") from None
+            texts, tasks = [str(t) for t in ann["language"]["ann"]], [str(t) for t in ann["language"]["task"]]
+            indx = [(int(a), int(b)) for a, b in ann["info"]["indx"]]
+        except Exception as exc:  # empty, truncated, not a dict, wrong shapes inside
+            raise CalvinDataError(f"{file}: expected a pickled dict with language.ann, language.task (lists of "
+                                  f"str) and info.indx (list of (start, end)) ({type(exc).__name__}: {exc})") from None
         if not len(texts) == len(tasks) == len(indx):
             raise CalvinDataError(f"{file}: language.ann ({len(texts)}), language.task ({len(tasks)}) and "
                                   f"info.indx ({len(indx)}) differ in length")
-        return ann
+        return {"language": {"ann": texts, "task": tasks}, "info": {"indx": indx}}
 
     def segments(self) -> list[Segment]:
         ann = self.annotations()
         wanted = None if self.config.tasks is None else set(self.config.tasks)
-        return [Segment(int(s), int(e), str(text), str(task))
+        return [Segment(s, e, text, task)
                 for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"])
                 if wanted is None or task in wanted]
 
@@ -123,10 +129,10 @@ class CalvinDataset(robovla.Dataset):
         for frame in range(start, end + 1):
             file = frame_file(self.root, frame)
             try:
-                with np.load(file, allow_pickle=False) as npz:
+                with _open_npz(file) as npz:
                     for k in keys:
                         data[k].append(npz[k])
-            except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            except Exception as exc:  # missing, truncated, corrupt, a key missing
                 raise CalvinDataError(f"{file}: cannot read ({type(exc).__name__}: {exc}); run "
                                       f"`robo-run data check {self.root}` for every problem") from None
         return Frames(images={c: np.stack(data[CAMERA_KEYS[c]]) for c in self.cameras},
@@ -141,13 +147,11 @@ class CalvinDataset(robovla.Dataset):
         for name in ("ep_start_end_ids.npy", ANNOTATIONS):
             file = self.root / name
             h.update(file.read_bytes() if file.is_file() else b"-")
-        count = size = newest = 0
         with os.scandir(self.root) as entries:
-            for entry in entries:
-                if entry.name.endswith(".npz"):
-                    st = entry.stat()
-                    count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime_ns)
-        h.update(f"{count}:{size}:{newest}".encode())
+            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ctime_ns) for e in entries
+                             if e.name.endswith(".npz"))
+        # ctime moves on every write or rename and, unlike mtime, cannot be set back (cp -p, rsync -t)
+        h.update(repr(listing).encode())
         return h.hexdigest()
 
     def describe(self) -> dict[str, int]:
@@ -183,14 +187,18 @@ class CalvinDataset(robovla.Dataset):
         """Every problem of one frame file: missing, unreadable, keys, shapes, dtypes, NaN."""
         if not file.is_file():
             return [Problem(str(file), "", "frame missing inside a recording range of ep_start_end_ids.npy")]
-        found = []
+        found: list[Problem] = []
         try:
-            with np.load(file, allow_pickle=False) as npz:
+            with _open_npz(file) as npz:
                 for key in keys:
                     if key not in npz.files:
                         found.append(Problem(str(file), key, f"missing key (has {sorted(npz.files)})"))
                         continue
-                    value = npz[key]
+                    try:
+                        value = npz[key]
+                    except Exception as exc:  # one corrupt member: report it, go on with the others
+                        found.append(Problem(str(file), key, f"unreadable ({type(exc).__name__}: {exc})"))
+                        continue
                     if value.shape != SHAPES[key]:
                         found.append(Problem(str(file), key, f"shape {value.shape}, expected {SHAPES[key]}"))
                     if key.startswith("rgb_"):
@@ -200,6 +208,14 @@ class CalvinDataset(robovla.Dataset):
                         found.append(Problem(str(file), key, f"dtype {value.dtype}, expected float64"))
                     elif not np.isfinite(value).all():
                         found.append(Problem(str(file), key, f"non-finite values at {np.flatnonzero(~np.isfinite(value)).tolist()}"))
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            return [Problem(str(file), "", f"unreadable or truncated npz ({type(exc).__name__}: {exc})")]
+        except Exception as exc:  # not a zip at all, truncated directory, ...
+            found.append(Problem(str(file), "", f"unreadable or truncated npz ({type(exc).__name__}: {exc})"))
         return found
+
+
+def _open_npz(file: Path) -> np.lib.npyio.NpzFile:
+    """np.load for a frame file, refusing anything that is not an npz archive."""
+    data = np.load(file, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"not an npz archive (np.load gave {type(data).__name__})")
+    return data

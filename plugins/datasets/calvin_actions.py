@@ -75,7 +75,12 @@ def tcp_to_world(rel_tcp: np.ndarray, robot_obs: np.ndarray) -> np.ndarray:
     rot = euler_to_matrix(robot_obs[..., 3:6])
     pos = np.einsum("...ij,...j->...i", rot, rel_tcp[..., :3])
     target = matrix_to_euler(rot @ euler_to_matrix(rel_tcp[..., 3:6] * ORN_STEP))
-    orn = wrap(target - robot_obs[..., 3:6]) / ORN_STEP
+    # Every rotation has a second Euler form (roll + pi, pi - pitch, yaw + pi); past pitch
+    # +-pi/2 the nearer one to the current angles is the delta that was meant.
+    other = np.stack([target[..., 0] + np.pi, np.pi - target[..., 1], target[..., 2] + np.pi], axis=-1)
+    deltas = [wrap(t - robot_obs[..., 3:6]) for t in (target, other)]
+    nearer = np.abs(deltas[1]).max(-1, keepdims=True) < np.abs(deltas[0]).max(-1, keepdims=True)
+    orn = np.where(nearer, deltas[1], deltas[0]) / ORN_STEP
     return np.concatenate([pos, orn, rel_tcp[..., 6:]], axis=-1)
 
 
@@ -162,7 +167,9 @@ class RelTcp(_CalvinActions):
 class AbsWorld(_CalvinActions):
     """Absolute TCP target pose (CALVIN's ``actions``): position and Euler angles, world frame.
 
-    Positions need fitted statistics, so the default normalization here is min/max.
+    Positions need fitted statistics, so the default normalization here is min/max. Euler
+    angles are first unwrapped into angle_center +- pi: CALVIN's roll sits near +-pi, where a
+    plain [-pi, pi) range would split one pose into two far-apart targets.
     """
 
     source: ClassVar[str] = "actions"
@@ -170,3 +177,16 @@ class AbsWorld(_CalvinActions):
     class Config(_CalvinActions.Config):
         normalization: Literal["clip", "minmax", "quantile"] = Field(
             "minmax", description="arm normalization: min/max (default) or q01/q99 from statistics, or clip to +-clip_bound")
+        angle_center: tuple[float, float, float] = Field(
+            (np.pi, 0.0, 0.0), description="roll, pitch, yaw around which angles are unwrapped (+- pi); CALVIN's roll is near pi")
+
+    def arm(self, actions, robot_obs):
+        arm = np.asarray(actions, dtype=np.float64)[..., :6].copy()
+        center = np.asarray(self.config.angle_center)
+        arm[..., 3:6] = wrap(arm[..., 3:6] - center) + center
+        return arm
+
+    def unarm(self, arm, robot_obs):
+        arm = np.array(arm, dtype=np.float64)
+        arm[..., 3:6] = wrap(arm[..., 3:6])
+        return arm

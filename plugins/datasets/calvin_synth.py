@@ -60,9 +60,13 @@ class Scene:
         return TEMPLATES[self.template].format(self.colours[self.target])
 
 
-def make_scene(seed: int) -> Scene:
-    """The scene for ``seed``: blocks at least 0.11 m apart, the TCP at least 0.12 m from the target."""
-    rng = np.random.default_rng(seed)
+def make_scene(*key: int) -> Scene:
+    """The scene for a seed key: blocks at least 0.11 m apart, the TCP at least 0.12 m from the target.
+
+    Written episodes use keys (0, seed, episode) and the environment (1, seed), so that an
+    evaluation never replays a training layout by accident.
+    """
+    rng = np.random.default_rng(list(key))
     colours = list(rng.choice(list(COLOURS), 3, replace=False))
     while True:
         blocks = rng.uniform(-TABLE + BLOCK, TABLE - BLOCK, (3, 2))
@@ -155,7 +159,7 @@ def write_split(out: Path, episodes: int, seed: int, first_frame: int = FIRST_FR
     zeros = {"rgb_tactile": np.zeros((160, 120, 6), np.uint8), "depth_static": np.zeros((200, 200), np.float32),
              "depth_gripper": np.zeros((84, 84), np.float32), "depth_tactile": np.zeros((160, 120, 2), np.float32)}
     for e in range(episodes):
-        scene = make_scene(seed * 1_000_003 + e)
+        scene = make_scene(0, seed, e)
         start = frame
         steps = episode(scene, np.random.default_rng([seed, e]))
         scene_obs = np.zeros(24)
@@ -219,7 +223,7 @@ class SyntheticReach(robovla.Env):
         return Observation(images=images, robot_obs=robot_obs)
 
     def reset(self, seed: int | None = None) -> Observation:
-        self.scene = make_scene(0 if seed is None else seed)
+        self.scene = make_scene(1, 0 if seed is None else seed)
         self.rng = np.random.default_rng([0 if seed is None else seed, 1])
         self.tcp, self.gripper, self.target = self.scene.tcp.copy(), 1.0, self.scene.target
         return self._observation()
@@ -233,8 +237,8 @@ class SyntheticReach(robovla.Env):
 
     def step(self, command: np.ndarray) -> Observation:
         command = np.asarray(command, dtype=np.float64)
-        if command.shape != (7,) or command[6] not in (-1.0, 1.0):
-            raise ValueError(f"a command is [7] with the gripper exactly -1 or +1, got {command!r}")
+        if command.shape != (7,) or command[6] not in (-1.0, 1.0) or not np.isfinite(command).all():
+            raise ValueError(f"a command is [7], finite, with the gripper exactly -1 or +1, got {command!r}")
         self.tcp = np.clip(self.tcp + np.clip(command[:2], -1, 1) * POS_STEP, -TABLE, TABLE)
         self.gripper = float(command[6])
         return self._observation()
