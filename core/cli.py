@@ -19,7 +19,7 @@ from typing import Any, Callable
 from robovla import config as cfg
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError
-from robovla.registry import KINDS, registry
+from robovla.registry import registry
 
 RUN_FLAGS = ("--preset", "--config")
 GROUPS = {  # command groups whose subcommands arrive with their features

@@ -7,7 +7,6 @@ pip run robo-run in subprocesses, where the installed entry point is what loads.
 
 import os
 import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup would otherwise hang ~30 s before failing
 os.environ["TOKENIZERS_PARALLELISM"] = "false"

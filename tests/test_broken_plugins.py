@@ -1,7 +1,6 @@
 """Broken plugins, installed as pip would leave them: reported, never hiding the others."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
