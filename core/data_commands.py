@@ -19,7 +19,7 @@ from typing import Any
 
 from robovla import registry_file
 from robovla.errors import RobovlaError
-from robovla.registry import create
+from robovla.registry import create, get_component
 
 STATS_FILE = "robovla_stats.json"
 CACHE_DIR = "robovla_cache"
@@ -108,8 +108,6 @@ def cmd_synth(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=200, help="training episodes (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
     args = p.parse_args(argv)
-    from robovla.registry import get_component
-
     cls = get_component("dataset", args.dataset).load()
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
@@ -123,13 +121,12 @@ def cmd_cache(argv: list[str]) -> int:
     p = _parser("cache", "Build the frame cache of the frames the dataset's windows touch (also built on first use).")
     p.add_argument("--out", type=Path, default=None, help=f"cache folder (default: PATH/{CACHE_DIR})")
     args = p.parse_args(argv)
-    from robovla.frame_cache import CachedDataset, is_current
+    from robovla.frame_cache import CachedDataset
 
-    dataset = _open(args)
     folder = args.out or args.path / CACHE_DIR
-    state = "up to date" if is_current(dataset, folder) else "built"
-    cached = CachedDataset(dataset, folder)  # builds under a lock unless current
+    cached = CachedDataset(_open(args), folder)  # builds under a lock unless current
     size = sum(f.stat().st_size for f in folder.iterdir())
+    state = "built" if cached.built else "up to date"
     print(f"{folder}: {state}, {len(cached.arrays['robot_obs'])} frames, {size / 2**20:.1f} MiB")
     return 0
 

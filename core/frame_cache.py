@@ -56,21 +56,26 @@ def locked(folder: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
-    """Build the cache unless a current one is there; safe to call from many processes at once."""
+def ensure(dataset: Dataset, folder: Path, progress: bool = True) -> bool:
+    """Build the cache unless a current one is there; safe to call from many processes at once.
+    Returns whether it was built."""
     folder = Path(folder)
     with locked(folder):
-        if not is_current(dataset, folder):
-            build(dataset, folder, progress)
-    return folder
+        fingerprint = dataset.fingerprint()  # one scan of the files serves the check and the build
+        if _is_current(folder, fingerprint):
+            return False
+        build(dataset, folder, progress, fingerprint)
+        return True
 
 
-def build(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
+def build(dataset: Dataset, folder: Path, progress: bool = True, fingerprint: Any = None) -> Path:
     """Write the cache of ``dataset`` into ``folder``, replacing an old one (callers hold the
-    lock: use :func:`ensure`)."""
+    lock: use :func:`ensure`). ``fingerprint`` must be taken before reading (a change during
+    the build then leaves the cache stale, not wrong); None takes it now."""
     from tqdm import tqdm
 
-    fingerprint = dataset.fingerprint()  # before reading: a change during the build makes it stale
+    if fingerprint is None:
+        fingerprint = dataset.fingerprint()
     ranges = merged_ranges(dataset.segments())
     total = sum(b - a + 1 for a, b in ranges)
     if total == 0:
@@ -108,12 +113,15 @@ def build(dataset: Dataset, folder: Path, progress: bool = True) -> Path:
 
 def is_current(dataset: Dataset, folder: Path) -> bool:
     """Whether ``folder`` holds a complete cache of ``dataset`` as it is now."""
+    return _is_current(Path(folder), dataset.fingerprint())
+
+
+def _is_current(folder: Path, fingerprint: Any) -> bool:
     try:
-        meta = json.loads((Path(folder) / "index.json").read_text())
+        meta = json.loads((folder / "index.json").read_text())
     except (OSError, ValueError):
         return False
-    current = dataset.fingerprint()
-    return current is not None and meta.get("version") == VERSION and meta.get("fingerprint") == current
+    return fingerprint is not None and meta.get("version") == VERSION and meta.get("fingerprint") == fingerprint
 
 
 class CachedDataset(Dataset):
@@ -122,8 +130,9 @@ class CachedDataset(Dataset):
     def __init__(self, source: Dataset, folder: Path, rebuild: bool = True):
         super().__init__(source.config)
         self.source, self.folder = source, Path(folder)
+        self.built = False  # whether opening it had to build it
         if rebuild:
-            ensure(source, self.folder)
+            self.built = ensure(source, self.folder)
         elif not is_current(source, self.folder):
             raise FileNotFoundError(f"{self.folder}: no current frame cache; build it with `robo-run data cache`")
         self._open()
