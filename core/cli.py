@@ -149,7 +149,7 @@ def plugin_rows() -> list[dict[str, Any]]:
                  module=c.module, entry_point=c.plugin.entry_point, status=c.status, error=c.error)
             for c in reg.components]
     for key, error in reg.errors.items():
-        info = plugins.infos().get(key) or plugins.PluginInfo(key, key, "?", "", "")
+        info = plugins.info(key)
         rows.append(dict(kind="plugin", name=info.entry_point.split(" = ")[0] or info.distribution,
                          distribution=info.distribution, version=info.version, module=info.module,
                          entry_point=info.entry_point, status="error", error=broken_report(info, error)))

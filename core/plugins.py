@@ -67,6 +67,11 @@ def infos() -> dict[str, PluginInfo]:
     return _infos
 
 
+def info(name: str, module: str = "?") -> PluginInfo:
+    """The record of plugin ``name``; a bare one for a plugin registered straight with pluggy."""
+    return infos().get(name) or PluginInfo(name, name, "?", "(registered directly)", module)
+
+
 def _load_entry_points() -> None:
     allow, deny = _env_names("ROBOVLA_PLUGINS"), _env_names("ROBOVLA_DISABLE_PLUGINS") or set()
     seen, matched = set(), set()

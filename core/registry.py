@@ -117,8 +117,7 @@ class Registry:
         self.errors = {name: i.error for name, i in plugins.infos().items() if i.error}
         for kind, (hook, _, _) in KINDS.items():
             for impl in getattr(pm.hook, hook).get_hookimpls():
-                info = plugins.infos().get(impl.plugin_name) or PluginInfo(
-                    impl.plugin_name, impl.plugin_name, "?", "(registered directly)", getattr(impl.plugin, "__name__", "?"))
+                info = plugins.info(impl.plugin_name, getattr(impl.plugin, "__name__", "?"))
                 added: list[Component] = []
 
                 def register(name: str, component: Any, _kind=kind, _info=info, _added=added) -> None:
@@ -160,8 +159,7 @@ class Registry:
         for c in self.components:
             if c.kind == kind and c.name == name:
                 return c
-        hint = "".join(f"\nNote: {broken_report(plugins.infos()[p], e).splitlines()[0]}"
-                       for p, e in self.errors.items() if p in plugins.infos())
+        hint = "".join(f"\nNote: {broken_report(plugins.info(p), e).splitlines()[0]}" for p, e in self.errors.items())
         names = {c.name for c in self.components if c.kind == kind}
         raise unknown(kind.replace("_", " "), name, names, hint.lstrip("\n"))
 
