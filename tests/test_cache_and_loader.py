@@ -145,7 +145,35 @@ def test_augmentation_changes_with_the_epoch_and_shards_stay_equal(split):
     windows = WindowDataset(source, robovla.create("action_space", "rel-world"), 8, 10)
     loader = make_loader(windows, 2, preprocess=Preprocess(image_size=32), shuffle=False, num_workers=0)
     first = next(iter(loader)).images["static"]
-    loader.sampler.set_epoch(1)
+    loader.set_epoch(1)
     assert not torch.equal(next(iter(loader)).images["static"], first)
     lengths = [len(list(ShardedSampler(3, seed=0, rank=r, world_size=8))) for r in range(8)]
     assert lengths == [1] * 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_reuses_a_batch_buffer_only_once_nothing_holds_it(split, workers):
+    source = robovla.create("dataset", "calvin", {"path": split})
+    windows = WindowDataset(source, robovla.create("action_space", "rel-world"), 8, 10)
+    make = lambda: make_loader(windows, 2, preprocess=Preprocess(image_size=16), shuffle=False,  # noqa: E731
+                               num_workers=workers)
+    reference = [(b.images["static"].clone(), b.actions.clone()) for b in make()]
+    loader, seen = make(), []
+    for k, batch in enumerate(loader):
+        assert torch.equal(batch.images["static"], reference[k][0]) and torch.equal(batch.actions, reference[k][1])
+        if k == 0:
+            held = batch  # the whole batch
+        elif k == 1:
+            view = batch.images["static"][1, 2].numpy()  # only a numpy view of one frame
+        seen.append(batch.images["static"].data_ptr())
+    assert len(seen) == len(windows) // 2 == 10
+    assert torch.equal(held.images["static"], reference[0][0]) and torch.equal(held.actions, reference[0][1])
+    np.testing.assert_array_equal(view, reference[1][0][1, 2].numpy())  # still-referenced memory is untouched
+    assert loader.fresh_batches == 0 and held.images["static"].data_ptr() not in seen[1:]
+    hoarded = list(make())  # holding every batch: the buffers run out and fresh memory takes over
+    assert all(torch.equal(b.images["static"], r[0]) for b, r in zip(hoarded, reference))
+
+
+def test_a_shift_larger_than_the_image_is_refused():
+    with pytest.raises(ValueError, match="does not fit a 6x6 image"):
+        random_shift(np.zeros((1, 6, 6, 3), np.uint8), 8, np.random.default_rng(0))
