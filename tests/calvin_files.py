@@ -20,8 +20,9 @@ def rel_action(frame: int) -> np.ndarray:
 
 
 def write_split(root: Path, recordings: list[tuple[int, int]], annotations: list[tuple[int, int, str, str]],
-                seed: int = 0) -> Path:
-    """Write frames for each inclusive (start, end) recording and the language annotations."""
+                seed: int = 0, scenes: dict[str, tuple[int, int]] | None = None) -> Path:
+    """Write frames for each inclusive (start, end) recording, the language annotations and,
+    when given, scene_info.npy (scene name -> inclusive frame-id range)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     ramp = np.add.outer(np.arange(200), np.arange(200))[:, :, None]  # texture, so that shifts show
@@ -45,4 +46,6 @@ def write_split(root: Path, recordings: list[tuple[int, int]], annotations: list
                         "emb": np.zeros((len(annotations), 1, 384), np.float32)},
            "info": {"indx": [(a[0], a[1]) for a in annotations], "episodes": []}}
     np.save(root / "lang_annotations" / "auto_lang_ann.npy", ann, allow_pickle=True)
+    if scenes is not None:
+        np.save(root / "scene_info.npy", {k: list(v) for k, v in scenes.items()}, allow_pickle=True)
     return root

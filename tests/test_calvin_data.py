@@ -68,3 +68,28 @@ def test_missing_folder_and_annotations_are_clear_errors(tmp_path):
         robovla.create("dataset", "calvin", {"path": tmp_path / "nowhere"})
     with pytest.raises(CalvinDataError, match="auto_lang_ann.npy: missing"):
         robovla.create("dataset", "calvin", {"path": tmp_path}).segments()
+
+
+def test_scene_info_selects_annotations_by_scene_and_is_checked(tmp_path):
+    scenes = {"calvin_scene_B": (FIRST, FIRST + 29), "calvin_scene_C": (FIRST + 30, FIRST + 49)}
+    split = write_split(tmp_path / "training", recordings=[(FIRST, FIRST + 29), (FIRST + 40, FIRST + 49)],
+                        annotations=[(A, B, "open the drawer", "open_drawer"),
+                                     (FIRST + 40, FIRST + 49, "push the red block left", "push_red_block_left")],
+                        scenes=scenes)
+    data = robovla.create("dataset", "calvin", {"path": split, "scenes": ["calvin_scene_C"]})
+    assert data.scene_ranges() == scenes
+    assert [s.task for s in data.segments()] == ["push_red_block_left"]
+    assert data.describe()["scenes"] == 2 and data.check() == []
+    with pytest.raises(CalvinDataError, match=r"\['calvin_scene_A'\] not in .*it has \['calvin_scene_B', "
+                                              r"'calvin_scene_C'\]"):
+        robovla.create("dataset", "calvin", {"path": split, "scenes": ["calvin_scene_A"]}).segments()
+    np.save(split / "scene_info.npy", {"calvin_scene_B": [FIRST, FIRST + 29]}, allow_pickle=True)  # C is gone
+    problems = robovla.create("dataset", "calvin", {"path": split}).check()
+    assert [(p.key, p.message) for p in problems] == [
+        ("info.indx[1]", f"annotation ({FIRST + 40}, {FIRST + 49}) lies in no scene of scene_info.npy")]
+    (split / "scene_info.npy").write_bytes(b"\x93NUMPY garbage")
+    problems = robovla.create("dataset", "calvin", {"path": split}).check()
+    assert [p.file for p in problems] == [str(split / "scene_info.npy")] and "pickled dict" in problems[0].message
+    (split / "scene_info.npy").unlink()  # validation splits have none
+    with pytest.raises(CalvinDataError, match="validation splits never do"):
+        robovla.create("dataset", "calvin", {"path": split, "scenes": ["calvin_scene_B"]}).segments()

@@ -3,8 +3,10 @@
 A split folder (``training/`` or ``validation/`` of task_D_D, task_ABC_D, task_ABCD_D or
 calvin_debug_dataset) holds one ``episode_%07d.npz`` per 30 Hz frame, named by global frame
 id (a folder does not start at 0), ``ep_start_end_ids.npy`` (inclusive recording ranges)
-and ``lang_annotations/auto_lang_ann.npy`` (a pickled dict: language.ann, language.task,
-info.indx). Vectors are stored as float64. Pickle is read for the annotation files only.
+``lang_annotations/auto_lang_ann.npy`` (a pickled dict: language.ann, language.task,
+info.indx) and, in training splits only, ``scene_info.npy`` (a pickled dict: scene name ->
+inclusive frame-id range). Vectors are stored as float64. Pickle is read for those two
+annotation files only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
 SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (15,), "actions": (7,),
           "rel_actions": (7,)}
 ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
+SCENES = "scene_info.npy"
 
 
 @robovla.hookimpl
@@ -63,6 +66,8 @@ class CalvinDataset(robovla.Dataset):
         action_keys: list[Literal["rel_actions", "actions"]] = Field(
             ["rel_actions", "actions"], min_length=1, description="action arrays to read (rel_actions, actions)")
         tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
+        scenes: list[str] | None = Field(None, description="keep only annotations inside these scenes of "
+                                         "scene_info.npy (training splits have it), e.g. calvin_scene_A; none: all")
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -116,12 +121,39 @@ class CalvinDataset(robovla.Dataset):
                                   f"info.indx ({len(indx)}) differ in length")
         return {"language": {"ann": texts, "task": tasks}, "info": {"indx": indx}}
 
+    def scene_ranges(self) -> dict[str, tuple[int, int]]:
+        """``scene_info.npy``: scene name -> inclusive frame-id range; {} when the split has none
+        (CALVIN's validation splits do not)."""
+        file = self.root / SCENES
+        if not file.is_file():
+            return {}
+        try:
+            info = np.load(file, allow_pickle=True).item()
+            scenes = {str(name): (int(first), int(last)) for name, (first, last) in info.items()}
+        except Exception as exc:  # empty, truncated, not a dict, wrong values
+            raise CalvinDataError(f"{file}: expected a pickled dict {{scene name: [first id, last id]}} "
+                                  f"({type(exc).__name__}: {exc})") from None
+        bad = [name for name, (first, last) in scenes.items() if first > last]
+        if bad:
+            raise CalvinDataError(f"{file}: scenes {bad} end before they start (ranges are inclusive)")
+        return scenes
+
     def segments(self) -> list[Segment]:
         ann = self.annotations()
         wanted = None if self.config.tasks is None else set(self.config.tasks)
-        return [Segment(s, e, text, task)
-                for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"])
-                if wanted is None or task in wanted]
+        segments = [Segment(s, e, text, task)
+                    for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"])
+                    if wanted is None or task in wanted]
+        if self.config.scenes is None:
+            return segments
+        scenes = self.scene_ranges()
+        unknown = [name for name in self.config.scenes if name not in scenes]
+        if unknown:
+            have = f"it has {sorted(scenes)}" if scenes else "the split has none (validation splits never do)"
+            raise CalvinDataError(f"--dataset.scenes: {unknown} not in {self.root / SCENES}: {have}; "
+                                  "pick from those, or leave --dataset.scenes unset")
+        kept = [scenes[name] for name in self.config.scenes]
+        return [seg for seg in segments if any(first <= seg.start and seg.end <= last for first, last in kept)]
 
     def load(self, start: int, end: int) -> Frames:
         keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
@@ -144,7 +176,7 @@ class CalvinDataset(robovla.Dataset):
     def fingerprint(self) -> str:
         """Changes with the options, the index files, and any frame file's size or time."""
         h = hashlib.sha256(self.config.model_dump_json(exclude={"path"}).encode())
-        for name in ("ep_start_end_ids.npy", ANNOTATIONS):
+        for name in ("ep_start_end_ids.npy", ANNOTATIONS, SCENES):
             file = self.root / name
             h.update(file.read_bytes() if file.is_file() else b"-")
         with os.scandir(self.root) as entries:
@@ -157,7 +189,7 @@ class CalvinDataset(robovla.Dataset):
     def describe(self) -> dict[str, int]:
         ranges = self.recordings()
         return {"frames": int((ranges[:, 1] - ranges[:, 0] + 1).sum()), "segments": len(ranges),
-                "annotations": len(self.segments())}
+                "annotations": len(self.segments()), "scenes": len(self.scene_ranges())}
 
     def check(self) -> list[Problem]:
         problems: list[Problem] = []
@@ -170,12 +202,20 @@ class CalvinDataset(robovla.Dataset):
         except CalvinDataError as exc:
             problems.append(Problem(str(self.root / ANNOTATIONS), "", str(exc)))
             segments = []
+        try:
+            scenes = list(self.scene_ranges().values())
+        except CalvinDataError as exc:
+            problems.append(Problem(str(self.root / SCENES), "", str(exc)))
+            scenes = []
         for i, seg in enumerate(segments):
             inside = (ranges[:, 0] <= seg.start) & (seg.end <= ranges[:, 1])
             if seg.start > seg.end or not inside.any():
                 problems.append(Problem(str(self.root / ANNOTATIONS), f"info.indx[{i}]",
                                         f"annotation ({seg.start}, {seg.end}) is not inside one recording range "
                                         f"of ep_start_end_ids.npy"))
+            elif scenes and not any(first <= seg.start and seg.end <= last for first, last in scenes):
+                problems.append(Problem(str(self.root / SCENES), f"info.indx[{i}]",
+                                        f"annotation ({seg.start}, {seg.end}) lies in no scene of scene_info.npy"))
         keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
         for start, end in ranges:
             for frame in range(int(start), int(end) + 1):
