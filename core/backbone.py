@@ -3,7 +3,13 @@
 Shape letters: B batch, T window, M = B*T single-frame sequences, N image tokens per
 camera, L text tokens, S assembled sequence length, D hidden size. The core assembles,
 per frame, [BOS][gripper image tokens][static image tokens][instruction tokens][LRN x K]
-[EOS] from the pieces a backbone provides, so no backbone's name appears in core.
+[EOS] from the pieces a backbone provides, so no backbone's name appears in core
+(robovla.vla).
+
+"Embedding space" below means what the language model takes as ``inputs_embeds``: text
+embeddings from :meth:`Backbone.embed_tokens` and image tokens from
+:meth:`Backbone.encode_images` go in as they are, and whatever scaling the model applies
+inside (Kosmos-2 multiplies every input by sqrt(D)) applies to all of them alike.
 """
 
 from __future__ import annotations
@@ -32,8 +38,13 @@ class Backbone(nn.Module, abc.ABC):
         cameras: cameras read, in sequence order (e.g. ``("gripper", "static")``).
         image_size: square input side in pixels that :meth:`preprocess_images` produces.
         prompt_template: how an instruction is worded, with ``{instruction}``.
-        lora_targets: default PEFT ``target_modules`` (a list of names or a regex).
-        bos_token_id, eos_token_id: the ids that open and close each sequence.
+        lora_targets: default PEFT ``target_modules`` (a list of names or a regex): by
+            default the language model's attention and MLP projections.
+        bos_token_id: the id that opens each sequence.
+        eos_token_id: the id that closes it, after [LRN]; None when nothing follows [LRN].
+        learned_token_scale: factor for a learned token ([LRN]) entering the embedding space,
+            so that it is scaled as text tokens are (1 when the model scales its inputs itself;
+            sqrt(D) for Gemma, whose embedding layer scales the text).
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
@@ -43,7 +54,8 @@ class Backbone(nn.Module, abc.ABC):
     prompt_template: str
     lora_targets: list[str] | str
     bos_token_id: int
-    eos_token_id: int
+    eos_token_id: int | None
+    learned_token_scale: float = 1.0
 
     def __init__(self, config: ComponentConfig):
         super().__init__()
@@ -59,7 +71,7 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids long [*, L] -> input embeddings [*, L, D] (unscaled, as the LM expects)."""
+        """Token ids long [*, L] -> embeddings [*, L, D] in the embedding space."""
 
     @abc.abstractmethod
     def encode_images(self, pixel_values: torch.Tensor, camera: str) -> torch.Tensor:
@@ -71,4 +83,11 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def freeze_groups(self) -> dict[str, list[nn.Module]]:
-        """Named parameter groups that can be frozen: at least ``vision``, ``text_embedding``, ``decoder``."""
+        """Named parameter groups: at least ``vision``, ``text_embedding`` and ``decoder`` (its
+        layers in order, so that the first N can be frozen); others (e.g. ``projector``) may follow.
+        Every parameter belongs to exactly one group."""
+
+    def gradient_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of storing them."""
+        raise NotImplementedError(f"backbone {type(self).__name__} does not support gradient checkpointing; "
+                                  "run without --train.gradient_checkpointing")

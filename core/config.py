@@ -75,6 +75,13 @@ class TrainConfig(ComponentConfig):
     log_every: int = Field(10, ge=1, description="write training metrics every N steps")
     checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
     num_workers: int = Field(2, ge=0, description="data-loading worker processes per device")
+    lrn_tokens: int = Field(1, ge=1, description="K: learned [LRN] tokens per frame whose final states the head reads")
+    train_vision: bool = Field(True, description="train the vision tower (full fine-tuning; under LoRA only "
+                                                 "adapters train in the backbone)")
+    train_text_embedding: bool = Field(True, description="train the text embedding (full fine-tuning)")
+    freeze_decoder_layers: int = Field(0, ge=0, description="freeze the first N decoder layers (full fine-tuning)")
+    gradient_checkpointing: bool = Field(False, description="recompute backbone activations in the backward pass "
+                                                            "(less memory, about a third more compute)")
 
 
 class FabricConfig(ComponentConfig):

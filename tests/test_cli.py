@@ -49,24 +49,28 @@ def test_config_prints_toml_that_reads_back_to_the_same_run(toy, capsys, tmp_pat
 
 
 def test_train_names_each_missing_component(capsys):
-    # the real registry.toml: the default preset names kosmos, lstm, calvin and rel-world
+    # the real registry.toml: the default preset names kosmos, lstm, calvin and rel-world, all built in
     assert main(["--train.lr", "1e-4"]) == 2
     err = capsys.readouterr().err
-    assert "robo-run train: error: invalid configuration (3 problems)" in err
     assert "--dataset.path: Field required" in err  # the built-in calvin dataset is there, and needs a path
-    for flag, name in [("backbone", "kosmos"), ("head", "lstm")]:
-        assert f"--{flag} {name} (from preset calvin-kosmos-lstm): unknown {flag.replace('-', ' ')} {name!r}" in err
-    assert "Valid: example-linear" in err and "`robo-run plugins` lists what is installed" in err
+    assert "unknown backbone" not in err
+    assert main(["--head", "nosuch", "--backbone", "nosuch-either"]) == 2
+    err = capsys.readouterr().err
+    assert "robo-run train: error: invalid configuration (3 problems)" in err
+    for flag, name in [("backbone", "nosuch-either"), ("head", "nosuch")]:
+        assert f"--{flag} {name} (from command line): unknown {flag} {name!r}" in err
+    assert "example-linear" in err and "`robo-run plugins` lists what is installed" in err
 
 
 def test_help_lists_commands_choices_and_fields(toy, capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for text in ["plugins    list registered components", "--head NAME", "one of: example-linear",
-                 "--backbone NAME                  the backbone; one of: toy, other",
                  "--train.lr                       AdamW peak learning rate (default: 2e-05)",
                  "--lora.targets", "--fabric.precision"]:
         assert text in out
+    line = next(x for x in out.splitlines() if x.startswith("  --backbone NAME "))
+    assert "the backbone; one of: " in line and {"toy", "other", "kosmos"} <= set(line.split("one of: ")[1].split(", "))
     assert main(["config", "--backbone", "toy", "--head", "example-linear", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--backbone.layers                decoder layers (default: 2; preset toy-recipe: 6)" in out

@@ -68,10 +68,12 @@ def test_wheel_carries_registry_and_runs_in_a_fresh_venv(tmp_path):
     listing = run([str(bin_dir / "robo-run"), "plugins", "--json"], env=env, cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
     rows = json.loads(listing.stdout)  # the built-in plugins, through the wheel's entry points
-    assert {(r["kind"], r["name"], r["distribution"], r["status"]) for r in rows} == {
+    assert {(r["kind"], r["name"], r["distribution"], r["status"]) for r in rows} >= {
         ("dataset", "calvin", "robovla", "ok"), ("env", "synthetic", "robovla", "ok"),
         ("action_space", "rel-world", "robovla", "ok"), ("action_space", "rel-tcp", "robovla", "ok"),
-        ("action_space", "abs-world", "robovla", "ok")}
+        ("action_space", "abs-world", "robovla", "ok"), ("backbone", "kosmos", "robovla", "ok"),
+        ("backbone", "paligemma", "robovla", "ok")}
+    assert {r["status"] for r in rows} == {"ok"} and {r["distribution"] for r in rows} == {"robovla"}
     presets = run([str(bin_dir / "robo-run"), "presets", "--json"], env=env, cwd=tmp_path)
     assert json.loads(presets.stdout)["calvin-kosmos-lstm"]["train"]["window"] == 8, presets.stderr
     where = run([str(bin_dir / "python"), "-c", "import robovla.registry_file as r; print(r.path())"], env=env, cwd=tmp_path)

@@ -1,0 +1,112 @@
+"""The VLA: a backbone read out through learned [LRN] tokens, and a policy head.
+
+Shape letters: B batch, T window, M = B*T frames, N image tokens (all cameras), L text
+tokens, K [LRN] tokens per frame, S sequence length, D hidden size.
+
+Each frame of each sample becomes one sequence (the window flattened into the batch, the
+recipe's "post" history)::
+
+    [BOS][gripper image tokens][static image tokens][instruction tokens][LRN x K][EOS][padding]
+
+[LRN] sits right after the sample's own last instruction token, so that its position and
+what it attends to do not depend on how long the other instructions in the batch are (the
+recipe put it at one padded index for the whole batch). The language model's final hidden
+states at [LRN] are the features [B, T, K, D] the head reads. No backbone is named here:
+what differs between backbones is what their methods return.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from robovla.backbone import Backbone, TextTokens
+from robovla.batch import Batch
+from robovla.head import PolicyHead, Prediction
+
+
+class VLA(nn.Module):
+    """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters."""
+
+    def __init__(self, backbone: Backbone, head: PolicyHead, lrn_tokens: int = 1):
+        super().__init__()
+        if lrn_tokens < 1:
+            raise ValueError(f"lrn_tokens must be >= 1, got {lrn_tokens}")
+        self.backbone, self.head = backbone, head
+        # The recipe starts its single [LRN] at zero; several start apart so that they can differ.
+        init = torch.zeros(lrn_tokens, backbone.hidden_size)
+        if lrn_tokens > 1:
+            init.normal_(std=0.02)
+        self.lrn = nn.Parameter(init)
+        self._tokens: dict[str, list[int]] = {}  # instruction -> ids: each is tokenized once
+
+    # ------------------------------------------------------------------------- inputs
+
+    def tokenize(self, instructions: list[str]) -> TextTokens:
+        """B instructions -> right-padded ids and mask [B, L], each distinct instruction tokenized once."""
+        new = sorted({i for i in instructions if i not in self._tokens})
+        if new:
+            tokens = self.backbone.tokenize(new)
+            for text, ids, mask in zip(new, tokens.ids, tokens.mask):
+                self._tokens[text] = ids[mask].tolist()
+        rows = [self._tokens[i] for i in instructions]
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.full((len(rows), width), self.backbone.bos_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[b, :len(row)] = True
+        return TextTokens(ids, mask)
+
+    def assemble(self, images: dict[str, torch.Tensor], tokens: TextTokens) -> tuple[torch.Tensor, ...]:
+        """uint8 images camera -> [B, T, H, W, 3] and tokens [B, L] -> embeddings [M, S, D],
+        attention mask bool [M, S] and the [LRN] positions long [M, K]."""
+        bb = self.backbone
+        missing = [cam for cam in bb.cameras if cam not in images]
+        if missing:
+            raise KeyError(f"the backbone reads cameras {list(bb.cameras)}, the batch has no {missing}")
+        b, t = images[bb.cameras[0]].shape[:2]
+        device = self.lrn.device
+        img = torch.cat([bb.encode_images(bb.preprocess_images(images[cam].flatten(0, 1).to(device), cam), cam)
+                         for cam in bb.cameras], dim=1)  # [M, N, D]
+        ids, mask = tokens.ids.to(device), tokens.mask.to(device)
+        k, length, width = len(self.lrn), mask.sum(1), ids.shape[1]  # length [B]
+        closing = [] if bb.eos_token_id is None else [bb.eos_token_id]
+        e = len(closing)
+        special = bb.embed_tokens(torch.tensor([bb.bos_token_id, *closing], device=device))  # [1 + E, D]
+        # The tail after the images, per sample: text, [LRN] x K, EOS, then the text's padding.
+        source = torch.cat([bb.embed_tokens(ids), (self.lrn * bb.learned_token_scale).to(special.dtype).expand(b, k, -1),
+                            special[1:].expand(b, e, -1)], dim=1)  # [B, L + K + E, D], in source order
+        p = torch.arange(width + k + e, device=device).expand(b, -1)
+        n = length[:, None]
+        index = torch.where(p < n, p, torch.where(p < n + k + e, p - n + width, p - k - e))
+        tail = source.gather(1, index[..., None].expand(-1, -1, source.shape[-1]))
+        tail_mask = p < n + k + e
+        m = b * t
+        embeds = torch.cat([special[:1].expand(m, 1, -1), img,
+                            tail.repeat_interleave(t, dim=0)], dim=1)  # [M, S, D]
+        attention = torch.cat([torch.ones(m, 1 + img.shape[1], dtype=torch.bool, device=device),
+                               tail_mask.repeat_interleave(t, dim=0)], dim=1)
+        lrn_at = (1 + img.shape[1] + n + torch.arange(k, device=device)).repeat_interleave(t, dim=0)  # [M, K]
+        return embeds, attention, lrn_at
+
+    # ------------------------------------------------------------------------ outputs
+
+    def features(self, images: dict[str, torch.Tensor], instructions: list[str] | TextTokens) -> torch.Tensor:
+        """Images camera -> uint8 [B, T, H, W, 3] and B instructions -> [LRN] features [B, T, K, D]."""
+        tokens = instructions if isinstance(instructions, TextTokens) else self.tokenize(instructions)
+        embeds, attention, lrn_at = self.assemble(images, tokens)
+        hidden = self.backbone.forward_embeddings(embeds, attention)  # [M, S, D]
+        picked = hidden.gather(1, lrn_at[..., None].expand(-1, -1, hidden.shape[-1]))  # [M, K, D]
+        b, t = images[self.backbone.cameras[0]].shape[:2]
+        return picked.view(b, t, *picked.shape[1:])
+
+    def forward(self, batch: Batch) -> Prediction:
+        """The head's prediction for every step of every window of ``batch``."""
+        return self.head(self.features(batch.images, batch.instruction))
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(loss, metrics) of ``batch`` under the head's loss, masked by its action_mask."""
+        return self.head.loss(self(batch), batch.actions.to(self.lrn.device), batch.action_mask.to(self.lrn.device))

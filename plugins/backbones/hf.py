@@ -1,0 +1,176 @@
+"""What the Hugging Face backbones share: where the weights come from, random-init sizes with
+an offline tokenizer, image normalization and prompt tokenization.
+
+``--backbone.path`` is a hub id or a local folder written by ``save_pretrained`` (model and
+processor or tokenizer). ``--backbone.size tiny|small`` builds the real architecture at a
+small size with random weights and a character-level tokenizer made offline (tests, demos).
+When the weights are neither in a folder nor in the local hub cache and the hub cannot be
+reached, loading stops at once with the two ways out, instead of retrying for half a minute.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import socket
+import string
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+import robovla
+from robovla.backbone import TextTokens
+from robovla.registry_file import checkpoints
+
+
+class BackboneLoadError(robovla.RobovlaError, OSError):
+    """The backbone's weights cannot be found or read."""
+
+
+class HFConfig(robovla.ComponentConfig):
+    """Fields every Hugging Face backbone has."""
+
+    path: str = Field(description="Hugging Face hub id, or a local folder written by save_pretrained "
+                                  "(model and processor)")
+    size: Literal["full", "small", "tiny"] = Field(
+        "full", description="full: the weights at path; tiny or small: the same architecture at a small size "
+                            "with random weights and an offline tokenizer (tests, demos)")
+    cameras: list[Literal["gripper", "static"]] = Field(
+        ["gripper", "static"], min_length=1, description="cameras read, in sequence order (the recipe: gripper first)")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers at all (DNS and TCP), within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve(path: str, option: str = "--backbone.path") -> str:
+    """``path`` if it is a folder, in the hub cache, or the hub is reachable; else a clear error."""
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    if Path(path).expanduser().exists() or path.startswith(("/", ".", "~")):
+        raise BackboneLoadError(f"{option} {path}: not a folder; give a folder written by save_pretrained "
+                                "(model and processor) or a Hugging Face hub id")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(path, "config.json"), str) or hub_reachable():
+        return path
+    raise BackboneLoadError(
+        f"{option} {path}: not a local folder, not in the Hugging Face cache, and the hub cannot be reached "
+        f"(offline). Either download it where there is a connection (`hf download {path} --local-dir DIR`) "
+        f"and pass {option} DIR, or use --backbone.size tiny (the same architecture with random weights, for "
+        "tests and demos)")
+
+
+def char_tokenizer(specials: list[str], bos: str, eos: str, pad: str, unk: str) -> Any:
+    """A character-level tokenizer made offline: ``specials`` first (ids 0..), then printable ASCII."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    model = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    model.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    model.decoder = decoders.Fuse()
+    extra = [s for s in specials if s not in (bos, eos, pad, unk)]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, bos_token=bos, eos_token=eos, pad_token=pad,
+                                        unk_token=unk, extra_special_tokens=extra or None)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+class HFBackbone(robovla.Backbone):
+    """Base of the Hugging Face backbones: subclasses say how to build, embed, encode and run."""
+
+    Config: ClassVar[type[HFConfig]] = HFConfig
+    family: ClassVar[str]  # the registered name, for registry.toml's checkpoints table
+    model_class: ClassVar[str]  # transformers class name
+    default_mean: ClassVar[tuple[float, float, float]]
+    default_std: ClassVar[tuple[float, float, float]]
+
+    def __init__(self, config: HFConfig):
+        super().__init__(config)
+        import transformers
+
+        cls = getattr(transformers, self.model_class)
+        self.cameras = tuple(config.cameras)
+        if config.size == "full":
+            source = resolve(config.path)
+            from transformers import AutoTokenizer
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(source)
+                self.model = cls.from_pretrained(source, attn_implementation=config.attn_implementation)
+            except OSError as exc:
+                raise BackboneLoadError(f"--backbone.path {config.path}: cannot load {self.model_class} and its "
+                                        f"tokenizer ({exc})") from None
+            mean, std = self._normalization(source)
+        else:
+            self.tokenizer = self.make_tokenizer()
+            self.model = cls._from_config(self.random_config(config.size, len(self.tokenizer)),
+                                          attn_implementation=config.attn_implementation)
+            mean, std = self.default_mean, self.default_std
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.image_size = int(self.model.config.vision_config.image_size)
+
+    # ----------------------------------------------------------------- per family
+
+    @abc.abstractmethod
+    def make_tokenizer(self) -> Any:
+        """The offline tokenizer for random-init sizes."""
+
+    @abc.abstractmethod
+    def random_config(self, size: str, vocab_size: int) -> Any:
+        """The transformers config of the architecture at ``size`` (tiny or small)."""
+
+    # --------------------------------------------------------------------- shared
+
+    def _normalization(self, source: str) -> tuple[Any, Any]:
+        known = checkpoints(self.family).get(self.config.path)
+        if known:
+            return known["mean"], known["std"]
+        file = Path(source) / "preprocessor_config.json"
+        if file.is_file():
+            data = json.loads(file.read_text())
+            if "image_mean" in data and "image_std" in data:
+                return data["image_mean"], data["image_std"]
+        return self.default_mean, self.default_std
+
+    def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255)  # [M, 3, H, W]
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return (x - self.mean) / self.std
+
+    def tokenize(self, instructions: list[str]) -> TextTokens:
+        texts = [self.prompt_template.format(instruction=i.strip()) for i in instructions]
+        out = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        return TextTokens(out["input_ids"], out["attention_mask"].bool())
+
+    def gradient_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write model, tokenizer and image normalization, loadable again with ``--backbone.path folder``."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_mean": self.mean.flatten().tolist(), "image_std": self.std.flatten().tolist(),
+            "size": {"height": self.image_size, "width": self.image_size}}, indent=2))
