@@ -15,7 +15,7 @@ inside (Kosmos-2 multiplies every input by sqrt(D)) applies to all of them alike
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +48,8 @@ class Backbone(nn.Module, abc.ABC):
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    test_config: ClassVar[dict[str, Any]] = {}
+    """Config values that build a small instance offline in seconds (robovla.testing uses them)."""
     hidden_size: int
     cameras: tuple[str, ...]
     image_size: int
@@ -84,8 +86,8 @@ class Backbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def freeze_groups(self) -> dict[str, list[nn.Module]]:
         """Named parameter groups: at least ``vision``, ``text_embedding`` and ``decoder`` (its
-        layers in order, so that the first N can be frozen); others (e.g. ``projector``) may follow.
-        Every parameter belongs to exactly one group."""
+        layers in order, so that the first N can be frozen); others (e.g. ``projector``,
+        ``decoder_norm``) may follow. No parameter belongs to two groups."""
 
     def gradient_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass instead of storing them."""

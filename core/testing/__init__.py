@@ -142,3 +142,5 @@ def robovla_plugin() -> Iterator[Callable[..., plugins.PluginInfo]]:
     yield register
     for name in added:
         plugins.remove(name)
+from robovla.testing import heads as _heads  # noqa: E402,F401
+from robovla.testing import backbones as _backbones  # noqa: E402,F401

@@ -94,6 +94,7 @@ class HFBackbone(robovla.Backbone):
     """Base of the Hugging Face backbones: subclasses say how to build, embed, encode and run."""
 
     Config: ClassVar[type[HFConfig]] = HFConfig
+    test_config: ClassVar[dict[str, Any]] = {"size": "tiny"}
     family: ClassVar[str]  # the registered name, for registry.toml's checkpoints table
     model_class: ClassVar[str]  # transformers class name
     default_mean: ClassVar[tuple[float, float, float]]
@@ -161,8 +162,14 @@ class HFBackbone(robovla.Backbone):
         return TextTokens(out["input_ids"], out["attention_mask"].bool())
 
     def gradient_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+            if enable:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
 

@@ -78,4 +78,4 @@ class Kosmos(HFBackbone):
         decoder = list(text.layers)
         rest = [m for name, m in text.named_children() if name not in ("embed_tokens", "layers")]
         return {"vision": [self.model.vision_model], "projector": [self.model.image_to_text_projection],
-                "text_embedding": [text.embed_tokens], "decoder": decoder + rest}
+                "text_embedding": [text.embed_tokens], "decoder": decoder, "decoder_norm": rest}

@@ -84,4 +84,4 @@ class PaliGemma(HFBackbone):
         lm = self.model.model.language_model
         rest = [m for name, m in lm.named_children() if name not in ("embed_tokens", "layers")]
         return {"vision": [self.model.model.vision_tower], "projector": [self.model.model.multi_modal_projector],
-                "text_embedding": [lm.embed_tokens], "decoder": list(lm.layers) + rest}
+                "text_embedding": [lm.embed_tokens], "decoder": list(lm.layers), "decoder_norm": rest}

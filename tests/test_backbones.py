@@ -1,0 +1,176 @@
+"""The built-in backbones at tiny size: loading, the sequence layout, training setups and LoRA."""
+
+import re
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import robovla
+from robovla import finetune
+from robovla.config import LoraConfig, TrainConfig
+from robovla.vla import VLA
+from robovla_plugins.backbones.hf import BackboneLoadError
+
+NAMES = ["kosmos", "paligemma"]
+INSTRUCTIONS = ["open the drawer", "push the red block to the left"]
+
+
+def make(name, lrn_tokens=1, **config):
+    torch.manual_seed(0)
+    return VLA(robovla.create("backbone", name, {"size": "tiny", **config}), nn.Linear(64, 3), lrn_tokens).eval()
+
+
+def frames(vla, b=2, t=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {cam: torch.randint(0, 256, (b, t, 48, 48, 3), generator=g, dtype=torch.uint8)
+            for cam in vla.backbone.cameras}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_folder_loads_through_path_with_the_same_lrn_states(name, tmp_path):
+    vla = make(name)
+    vla.backbone.save_pretrained(tmp_path / name)
+    again = VLA(robovla.create("backbone", name, {"path": str(tmp_path / name)}), nn.Linear(64, 3)).eval()
+    again.load_state_dict(vla.state_dict(), strict=False)  # [LRN] and head: not part of the backbone folder
+    images = frames(vla)
+    with torch.no_grad():
+        gap = (vla.features(images, INSTRUCTIONS) - again.features(images, INSTRUCTIONS)).abs().max().item()
+    assert gap == 0.0
+    assert again.backbone.tokenize(INSTRUCTIONS).ids.tolist() == vla.backbone.tokenize(INSTRUCTIONS).ids.tolist()
+    assert torch.equal(again.backbone.mean, vla.backbone.mean) and again.backbone.image_size == 32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_offline_without_a_copy_fails_at_once_naming_both_ways_out(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BackboneLoadError) as info:
+        robovla.create("backbone", name, {})
+    message = str(info.value)
+    assert time.perf_counter() - start < 10  # not half a minute of retries
+    assert "--backbone.path" in message and "--backbone.size tiny" in message and "hf download" in message
+    with pytest.raises(BackboneLoadError, match="not a folder"):
+        robovla.create("backbone", name, {"path": "./no/such/folder"})
+
+
+def test_kosmos_sequence_is_bos_gripper_static_prompt_lrn_eos():
+    vla = make("kosmos", lrn_tokens=2)
+    bb = vla.backbone
+    tokens = vla.tokenize(INSTRUCTIONS)
+    embeds, mask, lrn_at = vla.assemble(frames(vla), tokens)
+    n = bb.model.config.latent_query_num  # image tokens per camera, 64 at full size
+    lengths = tokens.mask.sum(1)
+    assert bb.tokenizer.decode(tokens.ids[0, :lengths[0]]) == "<grounding>An image of a robot open the drawer"
+    assert embeds.shape[:2] == mask.shape == (6, 1 + 2 * n + int(lengths.max()) + 2 + 1)
+    first = 1 + 2 * n + lengths  # [B]: where [LRN] starts, per sample
+    assert lrn_at.tolist() == [[int(first[b]), int(first[b]) + 1] for b in (0, 0, 0, 1, 1, 1)]
+    eos = bb.embed_tokens(torch.tensor([bb.eos_token_id]))[0]
+    for m, b in [(0, 0), (3, 1)]:
+        assert torch.equal(embeds[m, int(first[b]) + 2], eos)  # EOS right after the K [LRN]
+        assert torch.equal(embeds[m, 0], bb.embed_tokens(torch.tensor([bb.bos_token_id]))[0])
+        assert int(mask[m].sum()) == int(first[b]) + 3 and not mask[m, int(first[b]) + 3:].any()
+    assert torch.equal(embeds[0, int(first[0])], vla.lrn[0]) and torch.equal(embeds[0, int(first[0]) + 1], vla.lrn[1])
+    img = bb.encode_images(bb.preprocess_images(frames(vla)["gripper"].flatten(0, 1), "gripper"), "gripper")
+    assert img.shape[1] == n and torch.equal(embeds[:, 1: 1 + n], img)  # the gripper camera comes first
+
+
+def test_paligemma_follows_the_recipe_prompt_and_attends_causally():
+    vla = make("paligemma")
+    bb = vla.backbone
+    assert bb.bos_token_id == bb.tokenizer.eos_token_id and bb.eos_token_id is None
+    assert bb.tokenizer.decode(bb.tokenize(["open the drawer"]).ids[0]) == "open the drawer\n"
+    embeds, mask, lrn_at = vla.assemble(frames(vla, b=1, t=1), vla.tokenize(["open the drawer"]))
+    assert lrn_at.item() == embeds.shape[1] - 1  # [LRN] closes the sequence
+    # [LRN] enters scaled like the text (Gemma's embedding layer multiplies by sqrt(D))
+    assert bb.learned_token_scale == pytest.approx(8.0)
+    with torch.no_grad():
+        hidden = bb.forward_embeddings(embeds, mask)
+        changed = embeds.clone()
+        changed[:, -1] += 1.0
+        later = bb.forward_embeddings(changed, mask)
+    assert torch.equal(hidden[:, :-1], later[:, :-1])  # no position sees a later one, padded or not
+
+
+def test_training_setups_count_trainable_parameters_per_group():
+    vla = make("kosmos")
+    groups = vla.backbone.freeze_groups()
+    size = {g: sum(p.numel() for m in ms for p in m.parameters()) for g, ms in groups.items()}
+    total = sum(p.numel() for p in vla.parameters())
+    head = sum(p.numel() for p in vla.head.parameters())
+
+    finetune.setup(vla, TrainConfig(), LoraConfig())
+    assert sum(p.numel() for p in vla.parameters() if p.requires_grad) == total  # full fine-tuning
+    lines = finetune.summary(vla)
+    assert lines[-1].split() == ["total", f"{total:,}", "trainable", "of", f"{total:,}", "(100.00%)"]
+
+    first_layer = sum(p.numel() for p in groups["decoder"][0].parameters())
+    finetune.setup(vla, TrainConfig(train_vision=False, train_text_embedding=False, freeze_decoder_layers=1),
+                   LoraConfig())
+    trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
+    assert trainable == total - size["vision"] - size["text_embedding"] - first_layer
+    row = {line.split("  ")[0].strip(): line for line in finetune.summary(vla)}
+    assert row["vision"].split()[1] == "0" and row["decoder"].split()[1] == f"{size['decoder'] - first_layer:,}"
+    with pytest.raises(ValueError, match="decoder has 2 layers"):
+        finetune.setup(vla, TrainConfig(freeze_decoder_layers=3), LoraConfig())
+
+    lora = make("kosmos")
+    finetune.setup(lora, TrainConfig(), LoraConfig(enabled=True, r=4))
+    pattern = lora.backbone.lora_targets
+    targeted = [m for n, m in make("kosmos").backbone.named_modules()
+                if isinstance(m, nn.Linear) and re.fullmatch(pattern, n)]
+    expected = sum(4 * (m.in_features + m.out_features) for m in targeted)
+    assert len(targeted) == 2 * 6  # q, k, v, out, fc1, fc2 in each of the 2 decoder layers
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected + 64 + head
+    assert finetune.summary(lora)[0].split()[:2] == ["lora", f"{expected:,}"]
+
+
+def test_all_linear_lora_reaches_the_vision_tower():
+    vla = make("paligemma")
+    finetune.setup(vla, TrainConfig(), LoraConfig(enabled=True, r=2, targets="all-linear"))
+    adapted = {n.split(".lora_A")[0] for n, _ in vla.backbone.named_parameters() if ".lora_A" in n}
+    assert any("vision_tower" in n for n in adapted) and any("language_model" in n for n in adapted)
+    assert any("multi_modal_projector" in n for n in adapted) and not any("lm_head" in n for n in adapted)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_save_load_and_merge_give_the_same_outputs(name, tmp_path):
+    vla = make(name)
+    finetune.setup(vla, TrainConfig(), LoraConfig(enabled=True, r=4, dropout=0.0))
+    with torch.no_grad():
+        for n, p in vla.named_parameters():
+            if "lora_B" in n or n.startswith("head."):
+                p.normal_(std=0.2)  # as after training: adapters that matter
+    images = frames(vla)
+    with torch.no_grad():
+        expected = vla.head(vla.features(images, INSTRUCTIONS))
+    path = finetune.save_trainable(vla, tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    assert "lrn" in saved and any("lora_B" in k for k in saved) and not any("base_layer" in k for k in saved)
+    again = make(name)  # the same base weights (same seed), no adapter yet
+    finetune.load_trainable(again, tmp_path)
+    with torch.no_grad():
+        assert (again.head(again.features(images, INSTRUCTIONS)) - expected).abs().max() == 0
+        assert finetune.merge_lora(again) == len({k.split(".lora_B")[0] for k in saved if "lora_B" in k})
+        assert not any("lora_" in n for n, _ in again.named_parameters())
+        assert (again.head(again.features(images, INSTRUCTIONS)) - expected).abs().max() < 1e-5
+    again.backbone.save_pretrained(tmp_path / "merged")  # the export: a plain model folder
+    merged = robovla.create("backbone", name, {"path": str(tmp_path / "merged")})
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    grads = []
+    for on in (False, True):
+        vla = make(name).train()
+        finetune.setup(vla, TrainConfig(gradient_checkpointing=on), LoraConfig())
+        torch.manual_seed(5)
+        vla.features(frames(vla), INSTRUCTIONS).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in vla.backbone.parameters() if p.grad is not None]))
+        flag = getattr(vla.backbone.model, "is_activation_checkpointing", None)
+        assert (flag if flag is not None else vla.backbone.model.is_gradient_checkpointing) == on
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
