@@ -174,3 +174,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
         flag = getattr(vla.backbone.model, "is_activation_checkpointing", None)
         assert (flag if flag is not None else vla.backbone.model.is_gradient_checkpointing) == on
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_composite_joins_any_timm_encoder_and_causal_lm(family):
+    vla = make("composite", language_model_type=family)
+    bb = vla.backbone
+    assert type(bb.model).__name__.lower().startswith(family) and bb.vision.num_features == 32
+    names = [n for n, _ in bb.named_modules()]
+    assert bb.lora_targets and all(n.startswith("model.layers.") for n in bb.lora_targets)
+    assert set(bb.lora_targets) == {n for n, m in bb.named_modules() if isinstance(m, nn.Linear)
+                                    and n.startswith("model.layers.")} and "projector" in names
+    # Gemma scales text in its embedding layer, so [LRN] is scaled alike; Llama does not scale
+    assert bb.learned_token_scale == pytest.approx(8.0 if family == "gemma" else 1.0)
+    img = bb.encode_images(bb.preprocess_images(frames(vla)["static"].flatten(0, 1), "static"), "static")
+    assert img.shape == (6, 1 + (32 // 8) ** 2, 64)  # a ViT's class token and 16 patches, projected to D
+
+
+def test_composite_config_errors_are_clear():
+    with pytest.raises(Exception, match="has no {instruction} slot"):
+        robovla.create("backbone", "composite", {"size": "tiny", "prompt": "go"})
+    with pytest.raises(ValueError, match="shrinks ViT-style timm encoders; resnet18 does not take ViT sizes"):
+        robovla.create("backbone", "composite", {"size": "tiny", "vision": "resnet18"})

@@ -1,4 +1,5 @@
-"""robovla's built-in backbones: Kosmos-2 and PaLI-Gemma through the stock transformers classes.
+"""robovla's built-in backbones: Kosmos-2 and PaLI-Gemma through the stock transformers classes,
+and a composite of any timm vision encoder with any Hugging Face causal language model.
 
 This module holds only the hooks and stays free of torch and transformers, so that
 ``robo-run plugins`` and ``--help`` stay fast; each class is imported on first use.
@@ -11,3 +12,4 @@ import robovla
 def register_backbones(register):
     register("kosmos", "robovla_plugins.backbones.kosmos:Kosmos")
     register("paligemma", "robovla_plugins.backbones.paligemma:PaliGemma")
+    register("composite", "robovla_plugins.backbones.composite:Composite")

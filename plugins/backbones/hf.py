@@ -90,7 +90,40 @@ def char_tokenizer(specials: list[str], bos: str, eos: str, pad: str, unk: str) 
     return tokenizer
 
 
-class HFBackbone(robovla.Backbone):
+def checkpointing(model: Any, enable: bool) -> None:
+    """Turn activation checkpointing of a transformers model on or off (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+class PromptedBackbone(robovla.Backbone):
+    """Image normalization and prompt tokenization, for backbones with ``tokenizer``,
+    ``prompt_template``, ``image_size`` and ``mean``/``std`` buffers [1, 3, 1, 1]."""
+
+    tokenizer: Any
+
+    def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255)  # [M, 3, H, W]
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return (x - self.mean) / self.std
+
+    def tokenize(self, instructions: list[str]) -> TextTokens:
+        texts = [self.prompt_template.format(instruction=i.strip()) for i in instructions]
+        out = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        return TextTokens(out["input_ids"], out["attention_mask"].bool())
+
+
+class HFBackbone(PromptedBackbone):
     """Base of the Hugging Face backbones: subclasses say how to build, embed, encode and run."""
 
     Config: ClassVar[type[HFConfig]] = HFConfig
@@ -149,29 +182,8 @@ class HFBackbone(robovla.Backbone):
                 return data["image_mean"], data["image_std"]
         return self.default_mean, self.default_std
 
-    def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float().div_(255)  # [M, 3, H, W]
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=True)
-        return (x - self.mean) / self.std
-
-    def tokenize(self, instructions: list[str]) -> TextTokens:
-        texts = [self.prompt_template.format(instruction=i.strip()) for i in instructions]
-        out = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        return TextTokens(out["input_ids"], out["attention_mask"].bool())
-
     def gradient_checkpointing(self, enable: bool = True) -> None:
-        kwargs = {"use_reentrant": False}
-        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.24's name
-            if enable:
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                self.model.activation_checkpointing_disable()
-        elif enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            self.model.gradient_checkpointing_disable()
+        checkpointing(self.model, enable)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write model, tokenizer and image normalization, loadable again with ``--backbone.path folder``."""
