@@ -196,3 +196,18 @@ def test_composite_config_errors_are_clear():
         robovla.create("backbone", "composite", {"size": "tiny", "prompt": "go"})
     with pytest.raises(ValueError, match="shrinks ViT-style timm encoders; resnet18 does not take ViT sizes"):
         robovla.create("backbone", "composite", {"size": "tiny", "vision": "resnet18"})
+
+
+@pytest.mark.parametrize("name, total, per_layer, layers", [
+    # Kosmos-2: q, k, v, out 2048x2048; fc1 2048->8192, fc2 back; 24 layers
+    ("kosmos", 1_664_487_424, 4 * 64 * (2048 + 2048) + 2 * 64 * (2048 + 8192), 24),
+    # Gemma 2B: q 2048->2048, k and v 2048->256 (one KV head), o back; gate, up 2048->16384, down back
+    ("paligemma", 2_910_392_576, 2 * 64 * 4096 + 2 * 64 * (2048 + 256) + 3 * 64 * (2048 + 16384), 18)])
+def test_full_size_architectures_and_their_lora_counts(name, total, per_layer, layers):
+    for lora in (False, True):
+        with torch.device("meta"):  # the published architecture, no memory
+            vla = VLA(robovla.create("backbone", name, {"weights": "random"}), nn.Identity())
+            finetune.setup(vla, TrainConfig(), LoraConfig(enabled=lora, r=64))
+        trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
+        assert trainable == (per_layer * layers + 2048 if lora else total)  # 2048: [LRN]
+        assert finetune.summary(vla)[-1].split()[1] == f"{trainable:,}"

@@ -39,6 +39,9 @@ class HFConfig(robovla.ComponentConfig):
     size: Literal["full", "small", "tiny"] = Field(
         "full", description="full: the weights at path; tiny or small: the same architecture at a small size "
                             "with random weights and an offline tokenizer (tests, demos)")
+    weights: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained: load them from path (size full); random: random weights and an offline "
+                                  "tokenizer (at size full, the published architecture: for speed and memory tests)")
     cameras: list[Literal["gripper", "static"]] = Field(
         ["gripper", "static"], min_length=1, description="cameras read, in sequence order (the recipe: gripper first)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
@@ -139,7 +142,7 @@ class HFBackbone(PromptedBackbone):
 
         cls = getattr(transformers, self.model_class)
         self.cameras = tuple(config.cameras)
-        if config.size == "full":
+        if config.size == "full" and config.weights == "pretrained":
             source = resolve(config.path)
             from transformers import AutoTokenizer
 
@@ -167,7 +170,8 @@ class HFBackbone(PromptedBackbone):
 
     @abc.abstractmethod
     def random_config(self, size: str, vocab_size: int) -> Any:
-        """The transformers config of the architecture at ``size`` (tiny or small)."""
+        """The transformers config of the architecture at ``size``: tiny or small, with the
+        offline tokenizer's ``vocab_size``, or full, the published architecture."""
 
     # --------------------------------------------------------------------- shared
 

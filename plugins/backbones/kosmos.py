@@ -53,6 +53,8 @@ class Kosmos(HFBackbone):
     def random_config(self, size: str, vocab_size: int) -> Any:
         from transformers import Kosmos2Config
 
+        if size == "full":
+            return Kosmos2Config()  # its defaults are kosmos-2-patch14-224's architecture (1.66B)
         width, layers, vision, vision_layers, image, queries = SIZES[size]
         return Kosmos2Config(
             text_config=dict(vocab_size=vocab_size, embed_dim=width, layers=layers, ffn_dim=4 * width,

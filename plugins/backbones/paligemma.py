@@ -57,6 +57,8 @@ class PaliGemma(HFBackbone):
     def random_config(self, size: str, vocab_size: int) -> Any:
         from transformers import PaliGemmaConfig
 
+        if size == "full":
+            return PaliGemmaConfig()  # its defaults are paligemma-3b-pt-224's architecture (2.91B)
         width, layers, vision, vision_layers, image = SIZES[size]
         # Every size field is given: sub-configs passed as dicts do not get PaLI-Gemma's own defaults.
         return PaliGemmaConfig(
