@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from torch import nn
 from robovla.config import ComponentConfig
 
 Prediction = dict[str, torch.Tensor]
-"""What a head predicts, e.g. ``{"arm": [B, T, C, 6], "gripper": [B, T, C, 1]}``; keys are the head's own."""
+"""What a head predicts, e.g. ``{"arm": [B, T, C, 6], "gripper": [B, T, C, 1]}``; keys are the
+head's own, every value has B and T as its first two axes (so ``v[:, t:t+1]`` is step t)."""
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,14 @@ class PolicyHead(nn.Module, abc.ABC):
     Training calls :meth:`forward` on a whole window and :meth:`loss`; online control calls
     :meth:`reset` once per episode and :meth:`step` once per frame, the head keeping its
     own history (LSTM state, last T features), so that one control step costs one VLM
-    pass and one head step. ``step`` over a sequence must equal ``forward`` on it.
+    pass and one head step. ``step`` over a sequence must equal ``forward`` on it: the
+    n-th step after :meth:`reset` equals ``forward`` over the window of the last T frames
+    (frames 1..n while n <= T, frames n-T+1..n after), at its last frame.
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    tiny_config: ClassVar[dict[str, Any]] = {}
+    """Field overrides that build a small, fast instance (tests and conformance checks)."""
 
     def __init__(self, config: ComponentConfig, dims: Dims):
         super().__init__()
@@ -55,13 +60,21 @@ class PolicyHead(nn.Module, abc.ABC):
              action_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Targets [B, T, C, A] and mask bool [B, T, C] -> (scalar loss, metrics).
 
-        Masked positions must not change the loss. Every head reports the same metric keys
-        (``arm_l1``, ``gripper_acc`` among them) so that ablations compare directly.
+        Targets are normalized: arm dims in about [-1, 1], the gripper dim (last) in {0, 1}
+        (1 = open). Masked positions must not change the loss. Every head reports the same
+        metric keys (``arm_l1``, ``gripper_acc`` among them; :mod:`robovla.losses` computes
+        the standard set) so that ablations compare directly.
         """
 
     @abc.abstractmethod
-    def actions(self, prediction: Prediction) -> torch.Tensor:
-        """Prediction -> normalized actions [B, T, C, A], gripper in {-1, +1}."""
+    def actions(self, prediction: Prediction, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prediction -> normalized actions [B, T, C, A]: arm dims as the targets are
+        normalized, the gripper channel the probability in [0, 1] that the command is +1
+        (open); the action space decodes >= 0.5 to +1, else -1.
+
+        Heads that sample (e.g. flow matching) draw their noise from ``generator`` (the
+        global RNG when None), so the same generator state gives the same actions.
+        """
 
     @abc.abstractmethod
     def reset(self) -> None:
