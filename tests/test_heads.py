@@ -282,8 +282,9 @@ def test_gripper_channel_is_the_probability_of_open_and_the_example_decodes_it()
 def test_bad_config_values_are_clear_errors():
     dims = robovla.Dims(D=8)
     cases = [
-        ("discrete", {"bins": 1, "low": 1, "high": 0}, ["--head.bins: Input should be greater than or equal to 2, got 1",
-                                                        "--head.high: Value error, high must be greater than low (1.0), got 0"]),
+        ("discrete", {"bins": 1, "low": 1, "high": 0}, [
+            "--head.bins: Input should be greater than or equal to 2, got 1",
+            "--head.high: Value error, high must be greater than low (1.0), got 0"]),
         ("gpt", {"hidden_size": 30, "num_heads": 4}, ["--head.num_heads: Value error, num_heads must divide "
                                                       "hidden_size (30), got 4"]),
         ("lstm", {"num_layers": 0, "mlp_widths": [0], "tokens": "avg"}, [
