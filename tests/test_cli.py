@@ -65,10 +65,12 @@ def test_train_names_each_missing_component(capsys):
 def test_help_lists_commands_choices_and_fields(toy, capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for text in ["plugins    list registered components", "--head NAME", "one of: example-linear",
+    for text in ["plugins    list registered components",
                  "--train.lr                       AdamW peak learning rate (default: 2e-05)",
                  "--lora.targets", "--fabric.precision"]:
         assert text in out
+    line = next(x for x in out.splitlines() if x.startswith("  --head NAME "))
+    assert {"lstm", "mlp", "gpt", "discrete", "flow", "example-linear"} <= set(line.split("one of: ")[1].split(", "))
     line = next(x for x in out.splitlines() if x.startswith("  --backbone NAME "))
     assert "the backbone; one of: " in line and {"toy", "other", "kosmos"} <= set(line.split("one of: ")[1].split(", "))
     assert main(["config", "--backbone", "toy", "--head", "example-linear", "--help"]) == 0

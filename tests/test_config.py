@@ -56,7 +56,8 @@ def test_every_problem_is_reported_once_with_flag_spelling_and_source(toy, tmp_p
         resolve("--head", "lstn", "--train.lr", "fast", "--backbone.layer", "3",
                 "--lora.targets", "7", config_file=file)
     problems = err.value.problems
-    assert problems[0].startswith("--head lstn (from command line): unknown head 'lstn'. Valid: example-linear")
+    assert problems[0].startswith("--head lstn (from command line): unknown head 'lstn'; did you mean 'lstm'? "
+                                  "Valid: discrete, example-linear, flow, gpt, lstm, mlp")
     assert "--optim: unknown section '--optim'. Valid: --action-space, --backbone, --dataset, --fabric, --head, " \
         "--lora, --train (from config file" in problems[1]
     assert "--train.window: Input should be greater than or equal to 1, got 0 (from config file" in problems[2]
