@@ -80,8 +80,12 @@ class Backbone(nn.Module, abc.ABC):
         """Pixel values [M, 3, H, W] -> image tokens [M, N, D] in the text embedding space."""
 
     @abc.abstractmethod
-    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Run the language model on embeddings [M, S, D] with mask bool [M, S] -> final hidden states [M, S, D]."""
+    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           roles: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the language model on embeddings [M, S, D] with mask bool [M, S] -> final hidden
+        states [M, S, D]. ``roles`` long [M, S] says what each position holds (``ROLE_*`` in
+        robovla.vla: special token or padding, image, instruction, [LRN]); language models
+        that read the sequence as it comes ignore it."""
 
     @abc.abstractmethod
     def freeze_groups(self) -> dict[str, list[nn.Module]]:

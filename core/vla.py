@@ -26,6 +26,10 @@ from robovla.backbone import Backbone, TextTokens
 from robovla.batch import Batch
 from robovla.head import PolicyHead, Prediction
 
+ROLE_SPECIAL, ROLE_IMAGE, ROLE_TEXT, ROLE_LRN = 0, 1, 2, 3
+"""What a sequence position holds (``roles`` of :meth:`VLA.assemble`): BOS, EOS and padding
+are special; the rest are image tokens, instruction tokens and [LRN]."""
+
 
 class VLA(nn.Module):
     """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters."""
@@ -62,7 +66,7 @@ class VLA(nn.Module):
 
     def assemble(self, images: dict[str, torch.Tensor], tokens: TextTokens) -> tuple[torch.Tensor, ...]:
         """uint8 images camera -> [B, T, H, W, 3] and tokens [B, L] -> embeddings [M, S, D],
-        attention mask bool [M, S] and the [LRN] positions long [M, K]."""
+        attention mask bool [M, S], the [LRN] positions long [M, K] and the roles long [M, S]."""
         bb = self.backbone
         missing = [cam for cam in bb.cameras if cam not in images]
         if missing:
@@ -90,15 +94,18 @@ class VLA(nn.Module):
         attention = torch.cat([torch.ones(m, 1 + img.shape[1], dtype=torch.bool, device=device),
                                tail_mask.repeat_interleave(t, dim=0)], dim=1)
         lrn_at = (1 + img.shape[1] + n + torch.arange(k, device=device)).repeat_interleave(t, dim=0)  # [M, K]
-        return embeds, attention, lrn_at
+        tail_roles = torch.where(p < n, ROLE_TEXT, torch.where(p < n + k, ROLE_LRN, ROLE_SPECIAL))
+        roles = torch.cat([torch.tensor([ROLE_SPECIAL] + [ROLE_IMAGE] * img.shape[1], device=device).expand(b, -1),
+                           tail_roles], dim=1).repeat_interleave(t, dim=0)  # [M, S]
+        return embeds, attention, lrn_at, roles
 
     # ------------------------------------------------------------------------ outputs
 
     def features(self, images: dict[str, torch.Tensor], instructions: list[str] | TextTokens) -> torch.Tensor:
         """Images camera -> uint8 [B, T, H, W, 3] and B instructions -> [LRN] features [B, T, K, D]."""
         tokens = instructions if isinstance(instructions, TextTokens) else self.tokenize(instructions)
-        embeds, attention, lrn_at = self.assemble(images, tokens)
-        hidden = self.backbone.forward_embeddings(embeds, attention)  # [M, S, D]
+        embeds, attention, lrn_at, roles = self.assemble(images, tokens)
+        hidden = self.backbone.forward_embeddings(embeds, attention, roles)  # [M, S, D]
         picked = hidden.gather(1, lrn_at[..., None].expand(-1, -1, hidden.shape[-1]))  # [M, K, D]
         b, t = images[self.backbone.cameras[0]].shape[:2]
         return picked.view(b, t, *picked.shape[1:])

@@ -59,7 +59,7 @@ def test_kosmos_sequence_is_bos_gripper_static_prompt_lrn_eos():
     vla = make("kosmos", lrn_tokens=2)
     bb = vla.backbone
     tokens = vla.tokenize(INSTRUCTIONS)
-    embeds, mask, lrn_at = vla.assemble(frames(vla), tokens)
+    embeds, mask, lrn_at, roles = vla.assemble(frames(vla), tokens)
     n = bb.model.config.latent_query_num  # image tokens per camera, 64 at full size
     lengths = tokens.mask.sum(1)
     assert bb.tokenizer.decode(tokens.ids[0, :lengths[0]]) == "<grounding>An image of a robot open the drawer"
@@ -74,6 +74,9 @@ def test_kosmos_sequence_is_bos_gripper_static_prompt_lrn_eos():
     assert torch.equal(embeds[0, int(first[0])], vla.lrn[0]) and torch.equal(embeds[0, int(first[0]) + 1], vla.lrn[1])
     img = bb.encode_images(bb.preprocess_images(frames(vla)["gripper"].flatten(0, 1), "gripper"), "gripper")
     assert img.shape[1] == n and torch.equal(embeds[:, 1: 1 + n], img)  # the gripper camera comes first
+    for m, b in [(0, 0), (3, 1)]:  # BOS, 2N image tokens, the text, K [LRN], EOS, padding
+        row = [0] + [1] * (2 * n) + [2] * int(lengths[b]) + [3, 3] + [0] * (1 + int(lengths.max() - lengths[b]))
+        assert roles[m].tolist() == row
 
 
 def test_paligemma_follows_the_recipe_prompt_and_attends_causally():
@@ -81,7 +84,7 @@ def test_paligemma_follows_the_recipe_prompt_and_attends_causally():
     bb = vla.backbone
     assert bb.bos_token_id == bb.tokenizer.eos_token_id and bb.eos_token_id is None
     assert bb.tokenizer.decode(bb.tokenize(["open the drawer"]).ids[0]) == "open the drawer\n"
-    embeds, mask, lrn_at = vla.assemble(frames(vla, b=1, t=1), vla.tokenize(["open the drawer"]))
+    embeds, mask, lrn_at, _ = vla.assemble(frames(vla, b=1, t=1), vla.tokenize(["open the drawer"]))
     assert lrn_at.item() == embeds.shape[1] - 1  # [LRN] closes the sequence
     # [LRN] enters scaled like the text (Gemma's embedding layer multiplies by sqrt(D))
     assert bb.learned_token_scale == pytest.approx(8.0)

@@ -121,7 +121,8 @@ class Composite(PromptedBackbone):
             features = features.flatten(2).transpose(1, 2)
         return self.projector(features)  # [M, N, D]
 
-    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           roles: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model.base_model(inputs_embeds=embeds, attention_mask=attention_mask.long(), use_cache=False)
         return out.last_hidden_state
 

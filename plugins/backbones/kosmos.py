@@ -70,7 +70,8 @@ class Kosmos(HFBackbone):
     def encode_images(self, pixel_values: torch.Tensor, camera: str) -> torch.Tensor:
         return self.model.get_image_features(pixel_values).pooler_output  # [M, latent queries, D]
 
-    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           roles: torch.Tensor | None = None) -> torch.Tensor:
         # The text decoder alone: Kosmos2ForConditionalGeneration.forward insists on images.
         out = self.model.text_model.model(inputs_embeds=embeds, attention_mask=attention_mask.long(), use_cache=False)
         return out.last_hidden_state  # after the final layer norm

@@ -77,7 +77,8 @@ class PaliGemma(HFBackbone):
     def encode_images(self, pixel_values: torch.Tensor, camera: str) -> torch.Tensor:
         return self.model.model.get_image_features(pixel_values).pooler_output  # [M, 256, D] at full size
 
-    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           roles: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model.model(inputs_embeds=embeds, attention_mask=attention_mask.long(),
                                token_type_ids=torch.ones_like(attention_mask, dtype=torch.long), use_cache=False)
         return out.last_hidden_state  # after the final norm
