@@ -17,7 +17,7 @@ what differs between backbones is what their methods return.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,13 +32,20 @@ are special; the rest are image tokens, instruction tokens and [LRN]."""
 
 
 class VLA(nn.Module):
-    """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters."""
+    """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters.
 
-    def __init__(self, backbone: Backbone, head: PolicyHead, lrn_tokens: int = 1):
+    ``ablate`` hides one input everywhere (training and evaluation alike), to measure what a
+    policy takes from it: "image" shows black frames, "instruction" an empty instruction.
+    """
+
+    def __init__(self, backbone: Backbone, head: PolicyHead, lrn_tokens: int = 1,
+                 ablate: Literal["none", "image", "instruction"] = "none"):
         super().__init__()
         if lrn_tokens < 1:
             raise ValueError(f"lrn_tokens must be >= 1, got {lrn_tokens}")
-        self.backbone, self.head = backbone, head
+        if ablate not in ("none", "image", "instruction"):
+            raise ValueError(f"ablate must be none, image or instruction, got {ablate!r}")
+        self.backbone, self.head, self.ablate = backbone, head, ablate
         # The recipe starts its single [LRN] at zero; several start apart so that they can differ.
         init = torch.zeros(lrn_tokens, backbone.hidden_size)
         if lrn_tokens > 1:
@@ -103,6 +110,10 @@ class VLA(nn.Module):
 
     def features(self, images: dict[str, torch.Tensor], instructions: list[str] | TextTokens) -> torch.Tensor:
         """Images camera -> uint8 [B, T, H, W, 3] and B instructions -> [LRN] features [B, T, K, D]."""
+        if self.ablate == "image":
+            images = {cam: torch.zeros_like(x) for cam, x in images.items()}
+        elif self.ablate == "instruction" and not isinstance(instructions, TextTokens):
+            instructions = [""] * len(instructions)
         tokens = instructions if isinstance(instructions, TextTokens) else self.tokenize(instructions)
         embeds, attention, lrn_at, roles = self.assemble(images, tokens)
         hidden = self.backbone.forward_embeddings(embeds, attention, roles)  # [M, S, D]
