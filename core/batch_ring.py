@@ -82,6 +82,7 @@ class RingBatchSampler(torch.utils.data.Sampler):
     def __init__(self, sampler: torch.utils.data.Sampler, batch_size: int, drop_last: bool):
         self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
         self.ring: Ring | None = None  # set for each iteration by the loader
+        self.skip = 0  # batches of the next iteration to pass over unread (resuming mid-epoch)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -89,10 +90,14 @@ class RingBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[Request]:
         batch: list[int] = []
+        skip, self.skip = self.skip, 0
         for i in self.sampler:
             batch.append(i)
             if len(batch) == self.batch_size:
-                yield Request(self.ring.claim() if self.ring else None, batch)
+                if skip:
+                    skip -= 1
+                else:
+                    yield Request(self.ring.claim() if self.ring else None, batch)
                 batch = []
         if batch and not self.drop_last:
             yield Request(self.ring.claim() if self.ring else None, batch)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from robovla import config as cfg
@@ -21,7 +22,7 @@ from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError
 from robovla.registry import registry
 
-RUN_FLAGS = ("--preset", "--config")
+RUN_FLAGS = ("--preset", "--config", "--resume")
 GROUPS = {  # command groups whose subcommands arrive with their features
     "eval": "evaluate a trained run offline or in closed loop",
     "serve": "serve a trained policy over the network",
@@ -117,26 +118,48 @@ def run_help(command: str, argv: list[str]) -> str:
 # ------------------------------------------------------------------------- commands
 
 
-def cmd_config(argv: list[str]) -> int:
+def config_toml(run: cfg.RunConfig) -> str:
+    """The resolved configuration as TOML, with robovla's and each component's version under [meta]."""
     import tomli_w
 
-    run = resolve(argv)
-    reg = registry()
-    data = run.to_dict()
     from robovla import __version__
 
+    reg = registry()
     meta: dict[str, Any] = {"robovla": __version__}
     for kind in cfg.RUN_KINDS:
         c = reg.get(kind, getattr(run, kind).name)
         meta[kind] = f"{c.plugin.distribution} {c.plugin.version} ({c.module})"
-    sys.stdout.write(tomli_w.dumps({**data, cfg.META: meta}))
+    return tomli_w.dumps({**run.to_dict(), cfg.META: meta})
+
+
+def cmd_config(argv: list[str]) -> int:
+    sys.stdout.write(config_toml(resolve(argv)))
     return 0
 
 
 def cmd_train(argv: list[str]) -> int:
-    resolve(argv)  # names every missing component and every bad field
-    raise RobovlaError("the configuration is valid, but this robovla version has no training loop yet; "
-                       "`robo-run config` prints the resolved run")
+    run_args, flags, _ = parse_run_args(argv)
+    resume = run_args.get("resume")
+    if resume is not None:
+        if flags or set(run_args) != {"resume"}:
+            extra = [f"--{k}" for k in run_args if k != "resume"] + [f"--{k}" for k, _ in flags]
+            raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
+                               "(start a new run to change the configuration)"], header="cannot resume")
+        config_file = Path(resume) / "config.toml"
+        if not config_file.is_file():
+            raise ConfigError([f"--resume {resume}: no config.toml there; give a run folder (runs/<name>)"],
+                              header="cannot resume")
+        run = cfg.resolve(cfg.NONE, config_file, [])
+    else:
+        run = resolve(argv)
+    from robovla.train import Interrupted, train
+
+    try:
+        train(run, config_toml(run), resume=None if resume is None else Path(resume))
+    except Interrupted as exc:
+        print(f"robo-run: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    return 0
 
 
 def plugin_rows() -> list[dict[str, Any]]:

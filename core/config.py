@@ -82,6 +82,21 @@ class TrainConfig(ComponentConfig):
     freeze_decoder_layers: int = Field(0, ge=0, description="freeze the first N decoder layers (full fine-tuning)")
     gradient_checkpointing: bool = Field(False, description="recompute backbone activations in the backward pass "
                                                             "(less memory, about a third more compute)")
+    ablate: Literal["none", "image", "instruction"] = Field(
+        "none", description="ablation: hide the images (black frames) or the instruction (empty), in training and "
+                            "evaluation alike")
+    val_path: str = Field("auto", description="validation split folder; auto: the dataset path's sibling "
+                                              "validation/ when there is one; none: no validation")
+    val_batches: int | None = Field(50, ge=1, description="batches per validation pass; none: the whole split")
+    cache: str = Field("auto", description="frame cache folder; auto: robovla_cache/ inside each split folder; "
+                                           "none: read the dataset's files directly")
+    eval_env: str | None = Field(None, description="after training, evaluate closed loop in this environment "
+                                                   "(e.g. synthetic); writes eval.json")
+    eval_episodes: int = Field(100, ge=1, description="closed-loop evaluation episodes")
+    eval_seed: int = Field(10_000, description="first seed of the evaluation episodes (apart from training seeds)")
+    threads: int | None = Field(None, ge=1, description="torch threads per process; none: torch's default "
+                                                        "(cores / processes when several share a CPU)")
+    wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (needs wandb)")
 
 
 class FabricConfig(ComponentConfig):

@@ -66,12 +66,18 @@ class CalvinDataset(robovla.Dataset):
         action_keys: list[Literal["rel_actions", "actions"]] = Field(
             ["rel_actions", "actions"], min_length=1, description="action arrays to read (rel_actions, actions)")
         tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
+        synthesize: int | None = Field(None, ge=1, description="when path does not exist yet, first write the "
+                                       "synthetic reach task there (this many training episodes; path must end in "
+                                       "training/ or validation/); none: never write")
+        synthesize_seed: int = Field(0, description="seed of the synthetic task written by synthesize")
         scenes: list[str] | None = Field(None, description="keep only annotations inside these scenes of "
                                          "scene_info.npy (training splits have it), e.g. calvin_scene_A; none: all")
 
     def __init__(self, config: Any):
         super().__init__(config)
-        self.root = Path(config.path)
+        self.root = Path(config.path).expanduser()
+        if not self.root.is_dir() and config.synthesize:
+            self._write_synthetic(config.synthesize, config.synthesize_seed)
         if not self.root.is_dir():
             raise CalvinDataError(f"--dataset.path {self.root}: no such folder; point it at a CALVIN split "
                                   "folder, e.g. task_D_D/training")
@@ -84,6 +90,24 @@ class CalvinDataset(robovla.Dataset):
     def synthesize(cls, out: Path, episodes: int, seed: int) -> dict[str, Any]:
         """Write the synthetic reach task (training/ and validation/) in CALVIN's layout."""
         return write_task(Path(out), episodes, seed)
+
+    def _write_synthetic(self, episodes: int, seed: int) -> None:
+        """Write the synthetic task into the parent of ``path``, once, even with several processes."""
+        import shutil
+
+        from robovla.frame_cache import locked
+
+        task = self.root.parent
+        if self.root.name not in ("training", "validation"):
+            raise CalvinDataError(f"--dataset.synthesize: --dataset.path {self.root} must end in training/ or "
+                                  "validation/ (the task folder holds both)")
+        with locked(task):
+            if task.exists():
+                return
+            tmp = task.with_name(f".{task.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_task(tmp, episodes, seed)
+            os.replace(tmp, task)
 
     # -------------------------------------------------------------- listing and reading
 
