@@ -9,6 +9,9 @@
                                 optimizer.pt, state.json (step, epoch, batch, RNG, schedule)
       checkpoints/last          symlink to the newest complete checkpoint
 
+With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
+(``sharded/``, every process writes its shard) beside the same state.json.
+
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed into
 place; only then does ``last`` move (by renaming a new symlink over it). A process killed
 at any moment leaves ``last`` at a complete checkpoint; unfinished folders are removed the
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 CHECKPOINTS, LAST, STATE, OPTIMIZER = "checkpoints", "last", "state.json", "optimizer.pt"
+SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
 FULL, TRAINABLE, ADAPTER = "model.safetensors", "trainable.safetensors", "adapter_config.json"
 
 
@@ -57,27 +61,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
 
 
-def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], lora_config: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder."""
-    from safetensors.torch import save_file, save_model
-
+def begin(run_dir: Path, step: int) -> Path:
+    """A fresh temporary folder for checkpoint ``step`` (the same name in every process)."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    if lora_config is None:
-        save_model(model, str(tmp / FULL))  # tied weights (e.g. an LM head) stored once
-    else:
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  tmp / TRAINABLE)
-        (tmp / ADAPTER).write_text(json.dumps(lora_config, indent=2, default=sorted))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    return tmp
+
+
+def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
+    """Add state.json, flush, rename ``tmp`` into place and point ``last`` at it."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:06d}"
     (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=2))
-    for file in tmp.iterdir():
-        _fsync(file)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync(file)
     if final.exists():  # the same step again (e.g. a signal right after a scheduled save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -88,6 +89,22 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     os.replace(link, root / LAST)  # atomic: `last` is the old or the new checkpoint, never neither
     _fsync(root)
     return final
+
+
+def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         state: dict[str, Any], lora_config: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder."""
+    from safetensors.torch import save_file, save_model
+
+    tmp = begin(run_dir, step)
+    if lora_config is None:
+        save_model(model, str(tmp / FULL))  # tied weights (e.g. an LM head) stored once
+    else:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  tmp / TRAINABLE)
+        (tmp / ADAPTER).write_text(json.dumps(lora_config, indent=2, default=sorted))
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    return commit(run_dir, step, tmp, state)
 
 
 def clean(run_dir: Path) -> list[Path]:

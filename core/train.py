@@ -13,6 +13,7 @@ Shape letters: B batch (per device), T window, C chunk, A action dim.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -274,14 +275,10 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     train_data = open_dataset(run, "train")
     stats_file = run_dir / "action_stats.json"
     if resuming and stats_file.is_file():
-        import json
-
         space.load_state_dict(json.loads(stats_file.read_text()))
     else:
         fit_action_space(space, train_data)
         if fabric.is_global_zero:
-            import json
-
             stats_file.write_text(json.dumps(space.state_dict(), indent=2))
     windows = WindowDataset(train_data, space, t.window, t.chunk)
     if len(windows) < t.batch_size * fabric.world_size:
@@ -306,12 +303,17 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     warmup = round(t.warmup_epochs * steps_per_epoch) + t.warmup_steps
     lora = getattr(vla, "lora_config", None)
     step, epoch, consumed = 0, 0, 0
-    if resuming:
+    sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
+    if resuming and not sharded:
         state = checkpoint.load(checkpoint.last(run_dir), vla, optimizer)
-        step, epoch, consumed = state["step"], state["epoch"], state["batch"]
     model, optimizer = fabric.setup(vla, optimizer)
     model.mark_forward_method("loss")
+    if resuming and sharded:
+        folder = checkpoint.last(run_dir)
+        fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
+        state = json.loads((folder / checkpoint.STATE).read_text())
     if resuming:
+        step, epoch, consumed = state["step"], state["epoch"], state["batch"]
         checkpoint.set_rng_state(state["rng"])
     else:
         torch.manual_seed(t.seed + fabric.global_rank)
@@ -319,11 +321,17 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     logs = Logs(run_dir, fabric.is_global_zero, step if resuming else None, t.wandb_project)
 
     def save() -> None:
-        if fabric.is_global_zero:
-            checkpoint.save(run_dir, step, vla, optimizer, {"epoch": epoch, "batch": consumed,
-                                                            "world_size": fabric.world_size,
-                                                            "steps_per_epoch": steps_per_epoch},
-                            None if lora is None else lora.to_dict())
+        state = {"epoch": epoch, "batch": consumed, "world_size": fabric.world_size,
+                 "steps_per_epoch": steps_per_epoch}
+        if sharded:  # every process writes its shard into the same temporary folder
+            tmp = checkpoint.begin(run_dir, step) if fabric.is_global_zero else None
+            tmp = fabric.broadcast(tmp)
+            fabric.save(tmp / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
+            fabric.barrier()
+            if fabric.is_global_zero:
+                checkpoint.commit(run_dir, step, tmp, state)
+        elif fabric.is_global_zero:
+            checkpoint.save(run_dir, step, vla, optimizer, state, None if lora is None else lora.to_dict())
         fabric.barrier()
 
     def validate() -> dict[str, float]:
@@ -438,8 +446,6 @@ def arm_mse(actions: torch.Tensor, batch: Any) -> torch.Tensor:
 
 def evaluate_run(run: RunConfig, vla: Any, space: Any, run_dir: Path) -> dict[str, Any]:
     """Closed-loop evaluation in ``--train.eval_env``; prints the success rate, writes eval.json."""
-    import json
-
     import robovla
     from robovla.rollout import evaluate
 
