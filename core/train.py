@@ -64,7 +64,7 @@ def open_dataset(run: RunConfig, split: str = "train") -> Any:
         val = run.train.val_path
         if val == "none" or "path" not in config:
             return None
-        path = Path(config["path"]).parent / "validation" if val == "auto" else Path(val)
+        path = Path(config["path"]).expanduser().parent / "validation" if val == "auto" else Path(val).expanduser()
         if not path.is_dir():
             if val == "auto":
                 return None
@@ -73,7 +73,8 @@ def open_dataset(run: RunConfig, split: str = "train") -> Any:
     source = robovla.create("dataset", run.dataset.name, config)
     if run.train.cache == "none":
         return source
-    folder = Path(config["path"]) / "robovla_cache" if run.train.cache == "auto" else Path(run.train.cache) / split
+    folder = Path(config["path"]).expanduser() / "robovla_cache" if run.train.cache == "auto" \
+        else Path(run.train.cache).expanduser() / split
     return CachedDataset(source, folder)
 
 
