@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
-import robovla
-from robovla_plugins.backbones.hf import BackboneLoadError, PromptedBackbone, char_tokenizer, checkpointing, resolve
+from robovla_plugins.backbones.hf import (BackboneLoadError, PromptConfig, PromptedBackbone, char_tokenizer,
+                                          checkpointing, resolve)
 
 SIZES = {  # (LM width, LM layers, encoder width, encoder layers, image px)
     "tiny": (64, 2, 32, 2, 32),
@@ -26,7 +26,7 @@ SIZES = {  # (LM width, LM layers, encoder width, encoder layers, image px)
 }
 
 
-class CompositeConfig(robovla.ComponentConfig):
+class CompositeConfig(PromptConfig):
     """A timm encoder, a projector, a causal language model."""
 
     vision: str = Field("vit_small_patch16_224.augreg_in21k", description="timm model name of the vision encoder")
@@ -41,13 +41,6 @@ class CompositeConfig(robovla.ComponentConfig):
                         description="how an instruction is worded; must contain {instruction}")
     cameras: list[Literal["gripper", "static"]] = Field(["gripper", "static"], min_length=1,
                                                         description="cameras read, in sequence order")
-
-    @field_validator("prompt")
-    @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if "{instruction}" not in value:
-            raise ValueError(f"the prompt {value!r} has no {{instruction}} slot")
-        return value
 
 
 class Composite(PromptedBackbone):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import robovla
 from robovla.backbone import TextTokens
@@ -45,6 +45,19 @@ class HFConfig(robovla.ComponentConfig):
     cameras: list[Literal["gripper", "static"]] = Field(
         ["gripper", "static"], min_length=1, description="cameras read, in sequence order (the recipe: gripper first)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+
+
+class PromptConfig(robovla.ComponentConfig):
+    """A configurable prompt; subclasses set its default."""
+
+    prompt: str = Field("{instruction}", description="how an instruction is worded; must contain {instruction}")
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if "{instruction}" not in value:
+            raise ValueError(f"the prompt {value!r} has no {{instruction}} slot")
+        return value
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
