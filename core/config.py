@@ -63,6 +63,8 @@ class TrainConfig(ComponentConfig):
     batch_size: int = Field(8, ge=1, description="samples per device per step (before gradient accumulation)")
     epochs: float = Field(5, gt=0, description="passes over the training windows")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    max_minutes: float | None = Field(None, gt=0, description="also stop when training has run this long "
+                                                             "(wall clock, not counting setup and evaluation)")
     lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to norms, biases and [LRN]")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate shape after warmup")

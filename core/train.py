@@ -363,11 +363,14 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
 
     from tqdm import tqdm
 
+    import sys
+
     bar = tqdm(total=total, initial=step, disable=not (progress and fabric.is_global_zero), unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
     model.train()
     global_batch = t.batch_size * fabric.world_size * t.grad_accum
     last_time, stopped = time.perf_counter(), None
+    deadline = None if t.max_minutes is None else last_time + 60 * t.max_minutes
     with Stop().installed() as stop:
         while step < total and stop.signal is None:
             loader.set_epoch(epoch)
@@ -411,6 +414,8 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
                     validate()
                 if step % t.checkpoint_every == 0:
                     save()
+                if deadline is not None and fabric.broadcast(time.perf_counter() > deadline):
+                    total = step  # the time budget is spent: finish as if this were the last step
             del batches  # shut its workers down before the next epoch starts new ones
             if exhausted:
                 epoch, consumed = epoch + 1, 0
