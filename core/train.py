@@ -303,7 +303,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = round(t.warmup_epochs * steps_per_epoch) + t.warmup_steps
     lora = getattr(vla, "lora_config", None)
-    step, epoch, consumed = 0, 0, 0
+    step, epoch, consumed, trained_before = 0, 0, 0, 0.0
     sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
     if resuming and not sharded:
         state = checkpoint.load(checkpoint.last(run_dir), vla, optimizer)
@@ -315,6 +315,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
         state = json.loads((folder / checkpoint.STATE).read_text())
     if resuming:
         step, epoch, consumed = state["step"], state["epoch"], state["batch"]
+        trained_before = state.get("train_seconds", 0.0)
         checkpoint.set_rng_state(state["rng"])
     else:
         torch.manual_seed(t.seed + fabric.global_rank)
@@ -323,7 +324,8 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
 
     def save() -> None:
         state = {"epoch": epoch, "batch": consumed, "world_size": fabric.world_size,
-                 "steps_per_epoch": steps_per_epoch}
+                 "steps_per_epoch": steps_per_epoch,
+                 "train_seconds": trained_before + time.perf_counter() - started}
         if sharded:  # every process writes its shard into the same temporary folder
             tmp = checkpoint.begin(run_dir, step) if fabric.is_global_zero else None
             tmp = fabric.broadcast(tmp)
@@ -369,7 +371,8 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
     model.train()
     global_batch = t.batch_size * fabric.world_size * t.grad_accum
-    last_time, stopped = time.perf_counter(), None
+    started = last_time = time.perf_counter()
+    stopped = None
     deadline = None if t.max_minutes is None else last_time + 60 * t.max_minutes
     with Stop().installed() as stop:
         while step < total and stop.signal is None:
