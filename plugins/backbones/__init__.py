@@ -13,3 +13,4 @@ def register_backbones(register):
     register("kosmos", "robovla_plugins.backbones.kosmos:Kosmos")
     register("paligemma", "robovla_plugins.backbones.paligemma:PaliGemma")
     register("composite", "robovla_plugins.backbones.composite:Composite")
+    register("cnn-pool", "robovla_plugins.backbones.cnn_pool:CNNPool")
