@@ -84,6 +84,8 @@ class TrainConfig(ComponentConfig):
     freeze_decoder_layers: int = Field(0, ge=0, description="freeze the first N decoder layers (full fine-tuning)")
     gradient_checkpointing: bool = Field(False, description="recompute backbone activations in the backward pass "
                                                             "(less memory, about a third more compute)")
+    augment: bool = Field(True, description="random shift of the training images, as the recipe (pad 10 px static, "
+                                            "4 px gripper, then crop back)")
     ablate: Literal["none", "image", "instruction"] = Field(
         "none", description="ablation: hide the images (black frames) or the instruction (empty), in training and "
                             "evaluation alike")
