@@ -72,7 +72,8 @@ def test_wheel_carries_registry_and_runs_in_a_fresh_venv(tmp_path):
         ("dataset", "calvin", "robovla", "ok"), ("env", "synthetic", "robovla", "ok"),
         ("action_space", "rel-world", "robovla", "ok"), ("action_space", "rel-tcp", "robovla", "ok"),
         ("action_space", "abs-world", "robovla", "ok"), ("backbone", "kosmos", "robovla", "ok"),
-        ("backbone", "paligemma", "robovla", "ok"), ("backbone", "composite", "robovla", "ok")} | {
+        ("backbone", "paligemma", "robovla", "ok"), ("backbone", "composite", "robovla", "ok"),
+        ("backbone", "cnn-pool", "robovla", "ok")} | {
         ("head", name, "robovla", "ok") for name in ("lstm", "mlp", "gpt", "discrete", "flow")}
     assert {r["status"] for r in rows} == {"ok"} and {r["distribution"] for r in rows} == {"robovla"}
     presets = run([str(bin_dir / "robo-run"), "presets", "--json"], env=env, cwd=tmp_path)

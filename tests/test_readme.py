@@ -38,4 +38,4 @@ def test_readme_error_example_is_what_robo_run_says(capsys):
     err = capsys.readouterr().err
     assert "--train.lr: Input should be a valid number, unable to parse string as a number, got 'fast' " \
            "(from command line)" in err and "--train.lr" in README
-    assert "--train.widow: unknown field 'widow'; did you mean 'window'? Valid: ablate, batch_size," in err
+    assert "--train.widow: unknown field 'widow'; did you mean 'window'? Valid: ablate, augment, batch_size," in err

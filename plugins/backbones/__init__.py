@@ -1,5 +1,6 @@
 """robovla's built-in backbones: Kosmos-2 and PaLI-Gemma through the stock transformers classes,
-and a composite of any timm vision encoder with any Hugging Face causal language model.
+a composite of any timm vision encoder with any Hugging Face causal language model, and
+``cnn-pool``, a small backbone built to train from scratch on a CPU (the demo's).
 
 This module holds only the hooks and stays free of torch and transformers, so that
 ``robo-run plugins`` and ``--help`` stay fast; each class is imported on first use.

@@ -52,20 +52,19 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import robovla
 from robovla.backbone import TextTokens
 from robovla.vla import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT
-from robovla_plugins.backbones.hf import PromptedBackbone
+from robovla_plugins.backbones.hf import PromptConfig, PromptedBackbone
 
 PAD, BOS, EOS = 0, 1, 2  # ids of the special tokens; words take 3 .. vocab_buckets - 1
 WORD = re.compile(r"[a-z0-9]+")
 
 
-class CNNPoolConfig(robovla.ComponentConfig):
+class CNNPoolConfig(PromptConfig):
     """Sizes of the CNN, the word embedding and the instruction-conditioned pooling."""
 
     cameras: list[Literal["gripper", "static"]] = Field(
@@ -81,14 +80,6 @@ class CNNPoolConfig(robovla.ComponentConfig):
     mlp_ratio: PositiveInt = Field(2, description="hidden width of the readout MLP, as a multiple of hidden_size")
     vocab_buckets: int = Field(4096, ge=16, description="word-hash buckets of the text embedding (ids 0-2 are "
                                                         "padding, BOS and EOS); distinct words may share a bucket")
-    prompt: str = Field("{instruction}", description="how an instruction is worded; must contain {instruction}")
-
-    @field_validator("prompt")
-    @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if "{instruction}" not in value:
-            raise ValueError(f"the prompt {value!r} has no {{instruction}} slot")
-        return value
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> CNNPoolConfig:
