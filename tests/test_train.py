@@ -88,7 +88,7 @@ def test_every_backbone_with_the_lstm_head_fits_16_windows(backbone, synth):
     first = None
     for step in range(400):
         loss, _ = vla.loss(batch)
-        first = float(loss) if first is None else first
+        first = float(loss.detach()) if first is None else first
         if float(loss) < 0.05 * first:
             break
         optimizer.zero_grad()
