@@ -88,13 +88,14 @@ def test_every_backbone_with_the_lstm_head_fits_16_windows(backbone, synth):
     first = None
     for step in range(400):
         loss, _ = vla.loss(batch)
-        first = float(loss.detach()) if first is None else first
-        if float(loss) < 0.05 * first:
+        value = float(loss.detach())
+        first = value if first is None else first
+        if value < 0.05 * first:
             break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < 0.05 * first, f"{backbone}: loss {float(loss):.4f} after {step} steps, from {first:.4f}"
+    assert value < 0.05 * first, f"{backbone}: loss {value:.4f} after {step} steps, from {first:.4f}"
 
 
 def test_recipe_presets_hold_the_values_the_reference_ran(capsys):
