@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINTS, LAST, STATE, OPTIMIZER = "checkpoints", "last", "state.json", "optimizer.pt"
+from robovla import finetune
+
+CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json", "optimizer.pt", "model.safetensors"
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
-FULL, TRAINABLE, ADAPTER = "model.safetensors", "trainable.safetensors", "adapter_config.json"
 
 
 def _fsync(path: Path) -> None:
@@ -92,17 +93,16 @@ def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         state: dict[str, Any], lora_config: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder."""
-    from safetensors.torch import save_file, save_model
+         state: dict[str, Any], lora: bool = False) -> Path:
+    """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder. Under
+    LoRA the weights are :func:`robovla.finetune.save_trainable`'s (adapter and trainable)."""
+    from safetensors.torch import save_model
 
     tmp = begin(run_dir, step)
-    if lora_config is None:
-        save_model(model, str(tmp / FULL))  # tied weights (e.g. an LM head) stored once
+    if lora:
+        finetune.save_trainable(model, tmp)
     else:
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  tmp / TRAINABLE)
-        (tmp / ADAPTER).write_text(json.dumps(lora_config, indent=2, default=sorted))
+        save_model(model, str(tmp / FULL))  # tied weights (e.g. an LM head) stored once
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     return commit(run_dir, step, tmp, state)
 
@@ -127,15 +127,13 @@ def last(run_dir: Path) -> Path:
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load a checkpoint into ``model`` (and ``optimizer``); returns its state.json contents."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     folder = Path(folder)
     if (folder / FULL).is_file():
         load_model(model, str(folder / FULL))
     else:
-        result = model.load_state_dict(load_file(folder / TRAINABLE), strict=False)
-        if result.unexpected_keys:
-            raise KeyError(f"{folder / TRAINABLE}: weights the model does not have: {result.unexpected_keys[:5]}")
+        finetune.load_trainable(model, folder)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     return json.loads((folder / STATE).read_text())

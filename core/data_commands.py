@@ -74,12 +74,11 @@ def cmd_stats(argv: list[str]) -> int:
                             f"written to PATH/{STATS_FILE}.").parse_args(argv)
     from tqdm import tqdm
 
-    from robovla.frame_cache import merged_ranges
+    from robovla.frame_cache import frame_blocks, merged_ranges
     from robovla.stats import RunningStats
 
     dataset = _open(args)
-    ranges = merged_ranges(dataset.segments())
-    blocks = [(a, min(a + 255, b)) for first, b in ranges for a in range(first, b + 1, 256)]  # bounded memory
+    blocks = list(frame_blocks(merged_ranges(dataset.segments())))
     stats: dict[str, RunningStats] = {}
     with tqdm(total=sum(b - a + 1 for a, b in blocks), unit="frame", desc="stats", file=sys.stderr) as bar:
         for a, b in blocks:

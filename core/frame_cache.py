@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -42,6 +42,14 @@ def merged_ranges(segments: list[Segment]) -> list[tuple[int, int]]:
         else:
             out.append([seg.start, seg.end])
     return [(a, b) for a, b in out]
+
+
+def frame_blocks(ranges: list[tuple[int, int]], size: int = BLOCK) -> Iterator[tuple[int, int]]:
+    """Inclusive (first, last) blocks of at most ``size`` frames covering ``ranges`` in order:
+    how the frames are read in bounded memory."""
+    for first, last in ranges:
+        for a in range(first, last + 1, size):
+            yield a, min(a + size - 1, last)
 
 
 @contextlib.contextmanager
@@ -85,22 +93,21 @@ def build(dataset: Dataset, folder: Path, progress: bool = True, fingerprint: An
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     arrays: dict[str, np.ndarray] = {}
-    row, index = 0, []
+    starts = np.cumsum([0] + [b - a + 1 for a, b in ranges])  # first cache row of each range
+    index = [[a, b, int(row)] for (a, b), row in zip(ranges, starts)]
+    row = 0
     with tqdm(total=total, unit="frame", desc=f"caching {folder.name}", file=sys.stderr, disable=not progress) as bar:
-        for first, last in ranges:
-            index.append([first, last, row])
-            for a in range(first, last + 1, BLOCK):
-                b = min(a + BLOCK - 1, last)
-                frames = dataset.load(a, b)
-                parts = {**{f"image_{c}": v for c, v in frames.images.items()}, "robot_obs": frames.robot_obs,
-                         **{f"action_{k}": v for k, v in frames.actions.items()}}
-                for name, value in parts.items():
-                    if name not in arrays:
-                        arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=value.dtype,
-                                                                 shape=(total, *value.shape[1:]))
-                    arrays[name][row: row + len(value)] = value
-                row += b - a + 1
-                bar.update(b - a + 1)
+        for a, b in frame_blocks(ranges):
+            frames = dataset.load(a, b)
+            parts = {**{f"image_{c}": v for c, v in frames.images.items()}, "robot_obs": frames.robot_obs,
+                     **{f"action_{k}": v for k, v in frames.actions.items()}}
+            for name, value in parts.items():
+                if name not in arrays:
+                    arrays[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=value.dtype,
+                                                             shape=(total, *value.shape[1:]))
+                arrays[name][row: row + len(value)] = value
+            row += b - a + 1
+            bar.update(b - a + 1)
     for array in arrays.values():
         array.flush()
     meta = {"version": VERSION, "fingerprint": fingerprint, "ranges": index, "frames": total,

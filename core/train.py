@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,14 +80,13 @@ def open_dataset(run: RunConfig, split: str = "train") -> Any:
 
 
 def fit_action_space(space: Any, dataset: Any) -> None:
-    """One streaming pass over the annotated frames (blocks of 256) for the space's statistics."""
-    from robovla.frame_cache import merged_ranges
+    """One streaming pass over the annotated frames, block by block, for the space's statistics."""
+    from robovla.frame_cache import frame_blocks, merged_ranges
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for first, last in merged_ranges(dataset.segments()):
-            for a in range(first, last + 1, 256):
-                frames = dataset.load(a, min(a + 255, last))
-                yield frames.actions[space.source], frames.robot_obs
+        for a, b in frame_blocks(merged_ranges(dataset.segments())):
+            frames = dataset.load(a, b)
+            yield frames.actions[space.source], frames.robot_obs
 
     space.fit(blocks())
 
@@ -302,7 +302,6 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     steps_per_epoch = len(loader) // t.grad_accum
     total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warmup = round(t.warmup_epochs * steps_per_epoch) + t.warmup_steps
-    lora = getattr(vla, "lora_config", None)
     step, epoch, consumed, trained_before = 0, 0, 0, 0.0
     sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
     if resuming and not sharded:
@@ -334,7 +333,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
             if fabric.is_global_zero:
                 checkpoint.commit(run_dir, step, tmp, state)
         elif fabric.is_global_zero:
-            checkpoint.save(run_dir, step, vla, optimizer, state, None if lora is None else lora.to_dict())
+            checkpoint.save(run_dir, step, vla, optimizer, state, lora=run.lora.enabled)
         fabric.barrier()
 
     def validate() -> dict[str, float]:
@@ -364,8 +363,6 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
         return result
 
     from tqdm import tqdm
-
-    import sys
 
     bar = tqdm(total=total, initial=step, disable=not (progress and fabric.is_global_zero), unit="step",
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s

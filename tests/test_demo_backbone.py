@@ -13,7 +13,6 @@ from robovla.frame_cache import CachedDataset
 from robovla.loader import Preprocess, make_loader
 from robovla.vla import ROLE_IMAGE, ROLE_LRN, VLA
 from robovla.windows import WindowDataset
-from robovla_plugins.backbones.cnn_pool import CNNPool
 
 SMALL = {"image_size": 32, "channels": [8, 16], "hidden_size": 32, "heads": 2, "vocab_buckets": 64}
 INSTRUCTIONS = ["move to the red block", "Grasp the BLUE block, please!"]
