@@ -27,7 +27,7 @@ _LAZY = {
     "ActionSpace": "robovla.action_space",
     "Dataset": "robovla.dataset", "Segment": "robovla.dataset", "Frames": "robovla.dataset",
     "Problem": "robovla.dataset",
-    "Env": "robovla.env", "Observation": "robovla.env",
+    "Env": "robovla.env", "Observation": "robovla.env", "Chain": "robovla.env",
     "Batch": "robovla.batch",
 }
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from robovla.backbone import Backbone, TextTokens
     from robovla.batch import Batch
     from robovla.dataset import Dataset, Frames, Problem, Segment
-    from robovla.env import Env, Observation
+    from robovla.env import Chain, Env, Observation
     from robovla.head import Dims, PolicyHead, Prediction
 
 

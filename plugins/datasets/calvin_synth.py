@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import Field
 
 import robovla
-from robovla.env import Observation
+from robovla.env import Chain, Observation
 from robovla_plugins.datasets.calvin_actions import POS_STEP
 
 TABLE = 0.25  # half-width of the table, metres
@@ -39,6 +39,8 @@ SUCCESS = 0.03  # success: gripper closed within this distance (x, y) of the nam
 HOLD = 3  # frames recorded after the gripper closes
 FIRST_FRAME = 358482  # like CALVIN's debug split, ids do not start at 0
 NOISE = 3  # camera noise: each pixel channel moves by up to +-NOISE grey levels
+CHAIN_SEEDS = 1_000_000  # long-horizon chains start from env seeds here, apart from the episode seeds
+CHAIN_LENGTH = 5  # subtasks per chain, as in CALVIN
 
 
 @dataclass
@@ -222,9 +224,13 @@ class SyntheticReach(robovla.Env):
         images, robot_obs = observe(self._scene(), self.tcp, self.gripper, self.rng)
         return Observation(images=images, robot_obs=robot_obs)
 
-    def reset(self, seed: int | None = None) -> Observation:
-        self.scene = make_scene(1, 0 if seed is None else seed)
-        self.rng = np.random.default_rng([0 if seed is None else seed, 1])
+    def reset(self, state: Any = None) -> Observation:
+        """``state`` is an int seed (a chain's state is one too); None means 0."""
+        seed = 0 if state is None else state
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"SyntheticReach.reset takes a seed, an int >= 0; got {state!r}")
+        self.scene = make_scene(1, int(seed))
+        self.rng = np.random.default_rng([int(seed), 1])
         self.tcp, self.gripper, self.target = self.scene.tcp.copy(), 1.0, self.scene.target
         return self._observation()
 
@@ -246,3 +252,17 @@ class SyntheticReach(robovla.Env):
     def task_success(self) -> bool:
         goal = self._scene().blocks[self.target]
         return self.gripper < 0 and float(np.linalg.norm(self.tcp - goal)) <= SUCCESS
+
+    def chains(self, n: int) -> list[Chain]:
+        """Chain i starts from seed CHAIN_SEEDS + i and reaches CHAIN_LENGTH blocks in turn, never
+        the same block twice in a row (the next subtask starts where the last one ended, at a
+        block, with the gripper closed)."""
+        out = []
+        for i in range(n):
+            colours = make_scene(1, CHAIN_SEEDS + i).colours
+            rng = np.random.default_rng([2, i])
+            order = [int(rng.integers(3))]
+            while len(order) < CHAIN_LENGTH:
+                order.append(int((order[-1] + rng.integers(1, 3)) % 3))
+            out.append(Chain(CHAIN_SEEDS + i, tuple(f"reach_{colours[k]}_block" for k in order)))
+        return out
