@@ -29,6 +29,7 @@ _LAZY = {
     "Problem": "robovla.dataset",
     "Env": "robovla.env", "Observation": "robovla.env", "Chain": "robovla.env",
     "Batch": "robovla.batch",
+    "Policy": "robovla.policy", "Execution": "robovla.policy",
 }
 
 __all__ = [
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from robovla.dataset import Dataset, Frames, Problem, Segment
     from robovla.env import Chain, Env, Observation
     from robovla.head import Dims, PolicyHead, Prediction
+    from robovla.policy import Execution, Policy
 
 
 def __getattr__(name: str):

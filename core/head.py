@@ -45,6 +45,11 @@ class PolicyHead(nn.Module, abc.ABC):
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
     tiny_config: ClassVar[dict[str, Any]] = {}
     """Field overrides that build a small, fast instance (tests and conformance checks)."""
+    history_attributes: ClassVar[tuple[str, ...]] = ()
+    """Names of the instance attributes that hold the online history (what :meth:`reset`
+    clears and :meth:`step` advances). :meth:`save_history` and :meth:`load_history` swap
+    them, which is how one head keeps a separate history for each of several episodes
+    (robovla.Policy); a head with history must list them (a conformance check tests it)."""
 
     def __init__(self, config: ComponentConfig, dims: Dims):
         super().__init__()
@@ -83,3 +88,14 @@ class PolicyHead(nn.Module, abc.ABC):
     @abc.abstractmethod
     def step(self, feature: torch.Tensor) -> Prediction:
         """One online step: feature [B, 1, K, D] -> prediction for that step ([B, 1, C, ...])."""
+
+    def save_history(self) -> dict[str, Any]:
+        """The current online history (the ``history_attributes``), to :meth:`load_history` later.
+
+        :meth:`step` must not change the saved objects in place (replace, do not mutate)."""
+        return {name: getattr(self, name) for name in self.history_attributes}
+
+    def load_history(self, history: dict[str, Any]) -> None:
+        """Continue from a history :meth:`save_history` returned (after a :meth:`reset`, for a new one)."""
+        for name in self.history_attributes:
+            setattr(self, name, history[name])

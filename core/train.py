@@ -37,23 +37,6 @@ RUN_DIR_ENV = "ROBOVLA_RUN_DIR"  # how re-launched ranks learn the run folder th
 # --------------------------------------------------------------------------- building
 
 
-def build_model(run: RunConfig) -> Any:
-    """The VLA of ``run``: its backbone, a head sized to it, K [LRN] tokens, the training setup."""
-    import robovla
-    from robovla import finetune
-    from robovla.head import Dims
-    from robovla.vla import VLA
-
-    t = run.train
-    torch.manual_seed(t.seed)  # every rank builds the same initial weights
-    backbone = robovla.create("backbone", run.backbone.name, run.backbone.config)
-    dims = Dims(D=backbone.hidden_size, K=t.lrn_tokens, T=t.window, C=t.chunk)
-    head = robovla.create("head", run.head.name, run.head.config, dims=dims)
-    vla = VLA(backbone, head, lrn_tokens=t.lrn_tokens, ablate=t.ablate)
-    finetune.setup(vla, t, run.lora)
-    return vla
-
-
 def open_dataset(run: RunConfig, split: str = "train") -> Any:
     """The training split, or the validation split (``--train.val_path``; auto: the sibling
     ``validation/`` folder), behind the frame cache unless ``--train.cache none``."""
@@ -255,6 +238,7 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
 def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool, progress: bool) -> str:
     import robovla
     from robovla.loader import Preprocess, make_loader
+    from robovla.vla import build as build_vla
     from robovla.windows import WindowDataset
 
     t = run.train
@@ -269,7 +253,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
             (run_dir / "config.toml").write_text(config_text)
     fabric.barrier()
 
-    vla = build_model(run)
+    vla = build_vla(run)
     if fabric.is_global_zero:
         fabric.print("\n".join(robovla.finetune.summary(vla)))
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)
@@ -457,7 +441,10 @@ def evaluate_run(run: RunConfig, vla: Any, space: Any, run_dir: Path) -> dict[st
 
     t = run.train
     env = robovla.create("env", t.eval_env, {})
-    report = evaluate(vla, space, env, episodes=t.eval_episodes, seed=t.eval_seed)
+    try:
+        report = evaluate(robovla.Policy(vla, space), env, episodes=t.eval_episodes, seed=t.eval_seed)
+    finally:
+        env.close()
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))
     print(f"closed-loop success in {t.eval_env}: {100 * report['success_rate']:.1f}% of {t.eval_episodes} episodes "
           f"({run_dir / 'eval.json'})")

@@ -17,7 +17,7 @@ what differs between backbones is what their methods return.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from robovla.backbone import Backbone, TextTokens
 from robovla.batch import Batch
 from robovla.head import PolicyHead, Prediction
+
+if TYPE_CHECKING:
+    from robovla.config import RunConfig
 
 ROLE_SPECIAL, ROLE_IMAGE, ROLE_TEXT, ROLE_LRN = 0, 1, 2, 3
 """What a sequence position holds (``roles`` of :meth:`VLA.assemble`): BOS, EOS and padding
@@ -128,3 +131,21 @@ class VLA(nn.Module):
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, Any]]:
         """(loss, metrics) of ``batch`` under the head's loss, masked by its action_mask."""
         return self.head.loss(self(batch), batch.actions.to(self.lrn.device), batch.action_mask.to(self.lrn.device))
+
+
+def build(run: RunConfig) -> VLA:
+    """The VLA a run configuration describes: its backbone, a head sized to it, K [LRN] tokens,
+    and the fine-tuning setup (freezing, LoRA adapters). Seeded by ``--train.seed``, so that
+    every process of a run builds the same initial weights."""
+    import robovla
+    from robovla import finetune
+    from robovla.head import Dims
+
+    t = run.train
+    torch.manual_seed(t.seed)
+    backbone = robovla.create("backbone", run.backbone.name, run.backbone.config)
+    dims = Dims(D=backbone.hidden_size, K=t.lrn_tokens, T=t.window, C=t.chunk)
+    head = robovla.create("head", run.head.name, run.head.config, dims=dims)
+    vla = VLA(backbone, head, lrn_tokens=t.lrn_tokens, ablate=t.ablate)
+    finetune.setup(vla, t, run.lora)
+    return vla

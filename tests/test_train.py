@@ -18,7 +18,7 @@ from robovla import checkpoint
 from robovla.cli import main
 from robovla.loader import Preprocess, make_loader
 from robovla.registry_file import tomllib
-from robovla.train import build_model
+from robovla.vla import build as build_model
 from robovla.windows import WindowDataset
 
 from helpers import ROBO_RUN, clean_env

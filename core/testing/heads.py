@@ -155,6 +155,35 @@ def head_steps_equal_the_batched_forward(component: Component) -> None:
 
 
 @check("head")
+def head_keeps_separate_histories(component: Component) -> None:
+    """Two episodes stepped in turn, each history swapped in with load_history and out with
+    save_history, give what each gives stepped alone (over 2T+1 steps): the head lists every
+    attribute of its online history in ``history_attributes``."""
+    head = build(component).eval()
+    frames = 2 * DIMS.T + 1
+    episodes = [batch(frames=frames, seed=s)[0] for s in (1, 2)]  # [B, frames, K, D] each
+    with torch.no_grad():
+        alone = []
+        for features in episodes:
+            head.reset()
+            alone.append([head.step(features[:, n:n + 1]) for n in range(frames)])
+        histories = []
+        for _ in episodes:
+            head.reset()
+            histories.append(head.save_history())
+        for n in range(frames):
+            for e, features in enumerate(episodes):
+                head.load_history(histories[e])
+                got = head.step(features[:, n:n + 1])
+                histories[e] = head.save_history()
+                for key, want in alone[e][n].items():
+                    torch.testing.assert_close(got[key], want, atol=1e-6, rtol=1e-6, msg=lambda m: (
+                        f"{name(component)}: episode {e}, step {n + 1}, stepped in turn with another episode, "
+                        f"differs from stepping it alone; list every attribute step() keeps in "
+                        f"history_attributes (now {type(head).history_attributes}): {m}"))
+
+
+@check("head")
 def head_overfits_one_batch(component: Component) -> None:
     """Adam on one fixed small batch brings the loss down by 90% within a few hundred steps."""
     head = build(component).train()

@@ -78,6 +78,7 @@ class ChunkHead(robovla.PolicyHead):
 
     Config = HeadConfig
     window: bool = False
+    history_attributes = ("_frames",)
 
     def __init__(self, config: HeadConfig, dims: robovla.Dims, hidden: int):
         super().__init__(config, dims)

@@ -35,6 +35,7 @@ class LSTMHead(RegressionHead):
 
     tiny_config = {"hidden_size": 32, "num_layers": 2, "mlp_widths": [32]}
     window = True
+    history_attributes = ("_frames", "_state")
 
     def __init__(self, config: Config, dims: robovla.Dims):
         super().__init__(config, dims, config.hidden_size)
