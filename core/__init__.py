@@ -29,7 +29,7 @@ _LAZY = {
     "Problem": "robovla.dataset",
     "Env": "robovla.env", "Observation": "robovla.env", "Chain": "robovla.env",
     "Batch": "robovla.batch",
-    "Policy": "robovla.policy", "Execution": "robovla.policy",
+    "Policy": "robovla.policy", "Execution": "robovla.policy", "PolicyClient": "robovla.client",
 }
 
 __all__ = [
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from robovla.dataset import Dataset, Frames, Problem, Segment
     from robovla.env import Chain, Env, Observation
     from robovla.head import Dims, PolicyHead, Prediction
+    from robovla.client import PolicyClient
     from robovla.policy import Execution, Policy
 
 

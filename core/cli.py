@@ -4,7 +4,9 @@
     robo-run config  [same flags]         print the resolved configuration as TOML
     robo-run plugins [--json]             every registered component and broken plugin
     robo-run presets [--json]             the named recipes in registry.toml
-    robo-run data | eval | serve ...      data tools, evaluation, the policy server
+    robo-run data ...                     check, describe, synthesize and cache datasets
+    robo-run eval --run RUN_DIR ...       offline metrics and closed-loop evaluation of a run
+    robo-run serve --run RUN_DIR ...      a policy server for a run (HTTP, numpy payloads)
 
 Nothing here imports torch: commands import what they need when they run.
 """
@@ -23,10 +25,6 @@ from robovla.errors import ConfigError, RobovlaError, UnknownNameError
 from robovla.registry import registry
 
 RUN_FLAGS = ("--preset", "--config", "--resume")
-GROUPS = {  # command groups whose subcommands arrive with their features
-    "eval": "evaluate a trained run offline or in closed loop",
-    "serve": "serve a trained policy over the network",
-}
 
 
 # ------------------------------------------------------------------ run-flag grammar
@@ -231,10 +229,16 @@ def cmd_data(argv: list[str]) -> int:
     return data_commands.main(argv)
 
 
-def cmd_group(group: str) -> Callable[[list[str]], int]:
-    def run(argv: list[str]) -> int:
-        raise RobovlaError(f"`robo-run {group}` ({GROUPS[group]}) has no subcommands in this robovla version")
-    return run
+def cmd_eval(argv: list[str]) -> int:
+    from robovla import evaluation
+
+    return evaluation.main(argv)
+
+
+def cmd_serve(argv: list[str]) -> int:
+    from robovla import server
+
+    return server.main(argv)
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
@@ -243,7 +247,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "plugins": (cmd_plugins, "list registered components and broken plugins"),
     "presets": (cmd_presets, "list the named recipes in registry.toml"),
     "data": (cmd_data, "check datasets and compute their statistics (check, stats)"),
-    **{g: (cmd_group(g), text) for g, text in GROUPS.items()},
+    "eval": (cmd_eval, "evaluate a run: offline metrics, closed loop (CALVIN long-horizon protocol)"),
+    "serve": (cmd_serve, "serve a run's policy over HTTP (numpy payloads, one state per session)"),
 }
 
 
@@ -273,9 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in ("train", "config") and any(a in ("-h", "--help") for a in argv):
             print(main_help() if command == "train" and argv in (["-h"], ["--help"]) else run_help(command, argv))
-            return 0
-        if command in GROUPS and any(a in ("-h", "--help") for a in argv):
-            print(f"usage: robo-run {command} ...\n\n{GROUPS[command]}; no subcommands in this version")
             return 0
         return COMMANDS[command][0](argv)
     except (ConfigError, UnknownNameError) as exc:  # the command line or its files: usage errors

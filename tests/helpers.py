@@ -36,3 +36,29 @@ def fake_distribution(site: Path, dist: str, version: str, modules: dict[str, st
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     lines = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
     (info / "entry_points.txt").write_text(f"[robovla]\n{lines}")
+
+
+TINY_TRAINING = ["--train.window", "4", "--train.chunk", "3", "--train.batch_size", "2", "--train.num_workers", "0",
+                 "--fabric.accelerator", "cpu", "--fabric.precision", "32-true", "--train.max_steps", "2",
+                 "--train.val_path", "none", "--train.lr", "1e-2"]
+TINY_CNN_LSTM = ["--backbone", "cnn-pool", "--backbone.cameras", "gripper,static", "--backbone.image_size", "32",
+                 "--backbone.channels", "8,16", "--head", "lstm", "--head.hidden_size", "32", "--head.num_layers", "2",
+                 "--head.mlp_widths", "32"]
+
+
+def synth_split(out: Path, episodes: int = 4, seed: int = 5) -> Path:
+    """Write the synthetic task into ``out`` (training/ and validation/); returns training/."""
+    from robovla.cli import main
+
+    assert main(["data", "synth", "--out", str(out), "--episodes", str(episodes), "--seed", str(seed)]) == 0
+    return out / "training"
+
+
+def train_tiny(out: Path, name: str, training: Path, *flags: str, steps: int = 2) -> Path:
+    """A two-step training run (T=4, C=3) of the components in ``flags`` on ``training``; its folder."""
+    from robovla.cli import main
+
+    argv = [*flags, "--dataset.path", str(training), "--train.output_dir", str(out), "--train.run_name", name,
+            *TINY_TRAINING, "--train.max_steps", str(steps)]
+    assert main(argv) == 0
+    return out / name

@@ -92,9 +92,8 @@ def test_presets_and_errors_exit_codes(capsys):
     assert "unknown command 'tran'; did you mean 'train'?" in capsys.readouterr().err
     assert main(["--preset", "calvin-kosmo-lstm"]) == 2
     assert "unknown preset 'calvin-kosmo-lstm'; did you mean 'calvin-kosmos-lstm'?" in capsys.readouterr().err
-    assert main(["eval", "x"]) == 1
-    assert "`robo-run eval` (evaluate a trained run offline or in closed loop) has no subcommands" in \
-        capsys.readouterr().err
+    assert main(["eval", "--run", "nowhere"]) == 2
+    assert "--run nowhere: no config.toml there; give a run folder" in capsys.readouterr().err
     assert main(["data", "chek", "x"]) == 2
     assert "unknown data command 'chek'; did you mean 'check'?" in capsys.readouterr().err
 

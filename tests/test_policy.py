@@ -12,42 +12,27 @@ import torch
 
 import robovla
 from robovla import checkpoint
-from robovla.cli import main
 from robovla.env import Observation
 from robovla.loader import Preprocess, make_loader
 from robovla.policy import Execution, ObservationError, Policy
 from robovla.windows import WindowDataset
 
-from helpers import clean_env
+from helpers import TINY_CNN_LSTM, clean_env, synth_split, train_tiny
 
-TINY = ["--train.window", "4", "--train.chunk", "3", "--train.batch_size", "2", "--train.num_workers", "0",
-        "--fabric.accelerator", "cpu", "--fabric.precision", "32-true", "--train.max_steps", "2",
-        "--train.val_path", "none", "--train.lr", "1e-2"]
 T = 4
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    assert main(["data", "synth", "--out", str(out), "--episodes", "4", "--seed", "5"]) == 0
-    return out / "training"
-
-
-def train(out, name, synth, *flags):
-    argv = [*flags, "--dataset.path", str(synth), "--train.output_dir", str(out), "--train.run_name", name, *TINY]
-    assert main(argv) == 0
-    return out / name
+    return synth_split(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")
 def runs(synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    cnn = ["--backbone", "cnn-pool", "--backbone.cameras", "gripper,static", "--backbone.image_size", "32",
-           "--backbone.channels", "8,16", "--head", "lstm", "--head.hidden_size", "32", "--head.num_layers", "2",
-           "--head.mlp_widths", "32"]
     kosmos = ["--backbone", "kosmos", "--backbone.size", "tiny", "--head", "lstm", "--head.hidden_size", "32",
               "--head.num_layers", "2", "--head.mlp_widths", "32", "--lora.enabled", "--lora.r", "4"]
-    return {"cnn-pool": train(out, "cnn", synth, *cnn), "kosmos-lora": train(out, "kosmos", synth, *kosmos)}
+    return {"cnn-pool": train_tiny(out, "cnn", synth, *TINY_CNN_LSTM), "kosmos-lora": train_tiny(out, "kosmos", synth, *kosmos)}
 
 
 def episode_frames(synth, start, n):

@@ -1,0 +1,90 @@
+"""A client for ``robo-run serve`` (robovla.server): one session, one robot.
+
+    from robovla.client import PolicyClient
+
+    with PolicyClient("http://127.0.0.1:8000") as policy:   # opens a session
+        policy.reset()                                      # a new episode
+        command = policy.act({"static": rgb_static, "gripper": rgb_gripper}, robot_obs, "open the drawer")
+
+Images are uint8 [H, W, 3] per camera (``policy.metadata["cameras"]``), robot_obs float
+[15]; the command is float64 [A] with the gripper exactly -1 or +1. Needs only numpy and the
+standard library; one client per thread (it keeps one HTTP connection open).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+NPZ = "application/x-npz"
+
+
+class ServerError(Exception):
+    """The server refused a request: ``status`` is the HTTP code, the message its explanation."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class PolicyClient:
+    """A session with a policy server: :meth:`reset`, :meth:`act`, :meth:`close`."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", seed: int = 0, timeout: float = 60.0):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"url {url!r}: expected http://HOST:PORT")
+        self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        self.metadata: dict[str, Any] = self._request("GET", "/metadata")
+        self.session: str | None = self._request("POST", "/sessions", json.dumps({"seed": seed}).encode())["session"]
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def reset(self, seed: int = 0) -> None:
+        """Start a new episode: the server's policy forgets this session's history."""
+        self._request("POST", f"/sessions/{self.session}/reset", json.dumps({"seed": seed}).encode())
+
+    def act(self, images: dict[str, np.ndarray], robot_obs: np.ndarray, instruction: str) -> np.ndarray:
+        """One control step: the command float64 [A] for these camera images and robot state."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{f"image.{cam}": np.asarray(img) for cam, img in images.items()},
+                 robot_obs=np.asarray(robot_obs), instruction=np.array(instruction))
+        body = self._request("POST", f"/sessions/{self.session}/act", buffer.getvalue(), NPZ)
+        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+            return archive["action"]
+
+    def close(self) -> None:
+        """End the session on the server and close the connection."""
+        if self.session is not None:
+            try:
+                self._request("DELETE", f"/sessions/{self.session}")
+            finally:
+                self.session = None
+                self._conn.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, body: bytes | None = None, kind: str = "application/json") -> Any:
+        headers = {"Content-Type": kind} if body is not None else {}
+        self._conn.request(method, path, body=body, headers=headers)
+        response = self._conn.getresponse()
+        data = response.read()
+        if response.status >= 400:
+            try:
+                message = json.loads(data)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = data.decode(errors="replace")[:500]
+            raise ServerError(response.status, message)
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            return json.loads(data)
+        return data

@@ -1,0 +1,278 @@
+"""``robo-run eval``: a trained run, offline on a validation split and closed loop in an Env.
+
+    robo-run eval --run RUN_DIR [--checkpoint NAME] [--offline | --closed-loop]
+        offline:     [--split PATH] [--batches N] [--batch-size N]
+        closed loop: [--env NAME] [--env.FIELD VALUE ...] [--protocol long-horizon|episodes]
+                     [--sequences N] [--episodes N] [--steps N] [--envs N] [--execute POLICY] [--seed S]
+        [--device cpu|cuda] [--out DIR] [--no-progress]
+
+Without --offline or --closed-loop both run where they can: offline when the run has a
+validation split, closed loop when an env is named (or the run was trained with
+``--train.eval_env``). Reports go to ``RUN_DIR/eval/<checkpoint>/`` (``--out``): per part
+a JSON file and a PNG chart, and a table printed on the terminal.
+
+Offline metrics (shape letters: B batch, T window, C chunk, A action dim): the head's
+loss, and over every unmasked (window step, chunk position) the arm error per dimension
+in normalized units (L1 and squared) and the gripper accuracy (P(open) >= 0.5 against the
+target), overall and per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from robovla.errors import ConfigError, RobovlaError
+
+ARM = ("x", "y", "z", "roll", "pitch", "yaw")
+
+
+# ------------------------------------------------------------------------------ offline
+
+
+def offline(policy: Any, run: Any, split: Path | None = None, batches: int | None = None, batch_size: int = 8,
+            progress: bool = True) -> dict[str, Any]:
+    """Offline metrics of ``policy``'s model on the validation windows of ``run`` (a
+    RunConfig; the split: ``split`` or the run's validation folder)."""
+    import torch
+    from tqdm import tqdm
+
+    from robovla.loader import Preprocess, make_loader
+    from robovla.train import open_dataset
+    from robovla.windows import WindowDataset
+
+    if split is not None:
+        run = run._replace(train=run.train.model_copy(update={"val_path": str(split)}))
+    data = open_dataset(run, "val")
+    if data is None:
+        raise RobovlaError(f"no validation split: {run.dataset.config.get('path')} has no sibling validation/ "
+                           "folder; pass --split PATH")
+    vla, t = policy.vla, run.train
+    windows = WindowDataset(data, policy.action_space, t.window, t.chunk)
+    if len(windows) == 0:
+        raise RobovlaError(f"the validation split has no windows of {t.window} frames")
+    loader = make_loader(windows, batch_size, preprocess=Preprocess(image_size=vla.backbone.image_size, train=False),
+                         shuffle=False, num_workers=0, drop_last=False)
+    tasks = [windows.segments[int(s)].task or "(none)" for s in windows.index[:, 0]]
+    sums: dict[str, dict[str, np.ndarray]] = defaultdict(lambda: defaultdict(float))
+    losses, seen = [], 0
+    device = vla.lrn.device
+    sampling = torch.Generator(device=device).manual_seed(t.seed)
+    total = len(loader) if batches is None else min(batches, len(loader))
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(loader, total=total, desc="offline", unit="batch", disable=not progress)):
+            if i >= total:
+                break
+            batch = batch.to(device)
+            prediction = vla(batch)
+            loss, _ = vla.head.loss(prediction, batch.actions, batch.action_mask)
+            losses.append((float(loss), len(batch.instruction)))
+            actions = vla.head.actions(prediction, generator=sampling).float()  # [B, T, C, A]
+            mask = batch.action_mask.bool()  # [B, T, C]
+            err = (actions[..., :-1] - batch.actions[..., :-1]).float()
+            right = ((actions[..., -1] >= 0.5) == (batch.actions[..., -1] >= 0.5)).float()
+            for b in range(len(batch.instruction)):
+                m = mask[b]
+                for key in ("all", tasks[seen + b]):
+                    s = sums[key]
+                    s["windows"] += 1
+                    s["count"] += float(m.sum())
+                    s["l1"] = s["l1"] + err[b][m].abs().sum(0).cpu().numpy()
+                    s["sq"] = s["sq"] + err[b][m].square().sum(0).cpu().numpy()
+                    s["right"] += float(right[b][m].sum())
+            seen += len(batch.instruction)
+
+    def metrics(s: dict[str, Any]) -> dict[str, Any]:
+        n = max(s["count"], 1.0)
+        l1, sq = np.broadcast_to(s["l1"], 6) / n, np.broadcast_to(s["sq"], 6) / n
+        return {"windows": int(s["windows"]), "arm_l1": float(l1.mean()), "arm_mse": float(sq.mean()),
+                "gripper_acc": float(s["right"] / n), "arm_l1_per_dim": dict(zip(ARM, map(float, l1))),
+                "arm_mse_per_dim": dict(zip(ARM, map(float, sq)))}
+
+    overall = metrics(sums.pop("all"))
+    return {"split": str(data.config.path),
+            "loss": float(sum(v * n for v, n in losses) / max(1, sum(n for _, n in losses))),
+            **overall, "per_task": {task: metrics(s) for task, s in sorted(sums.items())}}
+
+
+def offline_chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
+    """A PNG: the arm L1 per dimension, and the arm L1 and gripper accuracy per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(report["per_task"], key=lambda k: report["per_task"][k]["arm_l1"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.28 * len(tasks) + 1)),
+                                 gridspec_kw={"width_ratios": [1, 1.4]})
+    dims = report["arm_l1_per_dim"]
+    bars = ax.bar(list(dims), list(dims.values()), color="#4c72b0")
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_ylabel("masked L1 (normalized units)")
+    ax.set_title(f"arm L1 per dimension; gripper accuracy {100 * report['gripper_acc']:.1f}% "
+                 f"({report['windows']} windows)", fontsize=10)
+    hb = bx.barh(tasks, [report["per_task"][k]["arm_l1"] for k in tasks], color="#55a868")
+    bx.bar_label(hb, labels=[f"grip {100 * report['per_task'][k]['gripper_acc']:.0f}%, "
+                             f"{report['per_task'][k]['windows']} win" for k in tasks], fontsize=8, padding=2)
+    bx.set_xlabel("arm L1 per task")
+    bx.margins(x=0.35)
+    bx.tick_params(axis="y", labelsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def offline_table(report: dict[str, Any]) -> str:
+    dims = "  ".join(f"{k} {v:.4f}" for k, v in report["arm_l1_per_dim"].items())
+    lines = [f"{report['windows']} validation windows from {report['split']}",
+             f"loss {report['loss']:.4f}  arm L1 {report['arm_l1']:.4f}  arm MSE {report['arm_mse']:.4f}  "
+             f"gripper accuracy {100 * report['gripper_acc']:.1f}%", f"arm L1 per dimension: {dims}", "",
+             f"{'task':<32} {'windows':>8} {'arm L1':>8} {'gripper':>8}"]
+    lines += [f"{k:<32} {v['windows']:>8} {v['arm_l1']:>8.4f} {100 * v['gripper_acc']:>7.1f}%"
+              for k, v in report["per_task"].items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="robo-run eval", description="Evaluate a trained run: offline metrics on a validation split and "
+        "closed-loop control in an env (CALVIN's long-horizon protocol, or single-task episodes). Env fields: "
+        "--env.FIELD VALUE.")
+    p.add_argument("--run", required=True, type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint name under RUN/checkpoints (default: last)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--offline", action="store_true", help="only the offline metrics")
+    what.add_argument("--closed-loop", action="store_true", help="only the closed-loop evaluation")
+    p.add_argument("--split", type=Path, default=None, help="offline: the split (default: the run's validation/)")
+    p.add_argument("--batches", type=int, default=None, help="offline: at most this many batches (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="offline: windows per batch (default 8)")
+    p.add_argument("--env", default=None, help="closed loop: the env plugin (default: the run's --train.eval_env)")
+    p.add_argument("--protocol", choices=("long-horizon", "episodes"), default="long-horizon",
+                   help="closed loop: CALVIN's chains of subtasks (default), or single-task episodes")
+    p.add_argument("--sequences", type=int, default=1000, help="long-horizon: chains to run (default 1000)")
+    p.add_argument("--episodes", type=int, default=100, help="episodes: episodes to run (default 100)")
+    p.add_argument("--steps", type=int, default=None, help="env steps per (sub)task (default: the env's max_steps)")
+    p.add_argument("--envs", type=int, default=1, help="envs run side by side, stepped as one batch (default 1)")
+    p.add_argument("--execute", default="first", help="action-chunk execution: first (default), chunk:K, "
+                                                      "ensemble[:M]")
+    p.add_argument("--seed", type=int, default=None, help="seed of sampling heads and episodes "
+                                                          "(default: the run's --train.eval_seed)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="(default 32-true)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default RUN/eval/<checkpoint>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def split_env_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Take ``--env.FIELD VALUE`` / ``--env.FIELD=VALUE`` out of ``argv``."""
+    rest, fields, i = [], {}, 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--env."):
+            key, eq, value = token[len("--env."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError([f"{token}: needs a value"], header="cannot parse the command line")
+                value, i = argv[i + 1], i + 1
+            fields[key.replace("-", "_")] = value
+        else:
+            rest.append(token)
+        i += 1
+    return rest, fields
+
+
+def main(argv: list[str]) -> int:
+    import robovla
+    from robovla import config as cfg
+    from robovla import rollout
+
+    argv, env_fields = split_env_flags(argv)
+    args = parser().parse_args(argv)
+    for flag, value in (("--envs", args.envs), ("--sequences", args.sequences), ("--episodes", args.episodes),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError([f"{flag}: must be >= 1, got {value}"], header="invalid arguments")
+    config_file = args.run / "config.toml"
+    if not config_file.is_file():
+        raise ConfigError([f"--run {args.run}: no config.toml there; give a run folder (runs/<name>)"],
+                          header="cannot evaluate")
+    run = cfg.resolve(cfg.NONE, config_file, [])
+    env_name = args.env or run.train.eval_env
+    do_offline = not args.closed_loop
+    do_closed = not args.offline and env_name is not None
+    if args.closed_loop and env_name is None:
+        raise ConfigError(["--closed-loop: name an env with --env NAME (robo-run plugins lists them)"],
+                          header="cannot evaluate")
+    if env_fields and env_name is None:
+        raise ConfigError([f"--env.{next(iter(env_fields))}: name the env with --env NAME"], header="cannot evaluate")
+    policy = robovla.Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
+                                     execution=args.execute)
+    out = args.out or args.run / "eval" / policy.info["checkpoint"]
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.run.name} @ {policy.info['checkpoint']}"
+    progress = not args.no_progress
+    written = []
+    if do_offline:
+        try:
+            report = offline(policy, run, args.split, args.batches, args.batch_size, progress)
+        except RobovlaError as exc:
+            if args.offline:
+                raise
+            print(f"offline: skipped ({exc})", file=sys.stderr)
+        else:
+            print(offline_table(report))
+            (out / "offline.json").write_text(json.dumps(report, indent=2))
+            written += [out / "offline.json", offline_chart(report, out / "offline.png", title)]
+    if do_closed:
+        report = closed_loop(policy, env_name, env_fields, args, run)
+        print(("\n" if do_offline else "") + rollout.table(report))
+        name = "long_horizon" if report["protocol"] == "long-horizon" else "episodes"
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+        written += [out / f"{name}.json", rollout.chart(report, out / f"{name}.png", title)]
+    if not written:
+        raise RobovlaError("nothing to evaluate: the run has no validation split and names no env; pass --split "
+                           "PATH or --env NAME")
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def closed_loop(policy: Any, env_name: str, env_fields: dict[str, str], args: argparse.Namespace,
+                run: Any) -> dict[str, Any]:
+    import robovla
+    from robovla import rollout
+
+    envs = [robovla.create("env", env_name, dict(env_fields)) for _ in range(args.envs)]
+    seed = run.train.eval_seed if args.seed is None else args.seed
+    progress = not args.no_progress
+    try:
+        if args.protocol == "episodes":
+            if args.envs > 1:
+                raise ConfigError(["--envs: single-task episodes run in one env; use --protocol long-horizon to "
+                                   "run envs side by side"], header="invalid arguments")
+            report = rollout.evaluate(policy, envs[0], episodes=args.episodes, seed=seed, max_steps=args.steps,
+                                      progress=progress)
+        else:
+            try:
+                chains = envs[0].chains(args.sequences)
+            except NotImplementedError as exc:
+                raise RobovlaError(str(exc)) from None
+            report = rollout.long_horizon(policy, envs, chains, steps_per_task=args.steps, seed=seed,
+                                          progress=progress)
+    finally:
+        for env in envs:
+            env.close()
+    return {**report, "env": env_name, "env_config": env_fields, "execution": str(policy.execution),
+            "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step")}
