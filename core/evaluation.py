@@ -47,12 +47,15 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
     from robovla.train import open_dataset
     from robovla.windows import WindowDataset
 
-    if split is not None:
-        run = run._replace(train=run.train.model_copy(update={"val_path": str(split)}))
+    # the given split, or the run's (the sibling validation/ folder also when training skipped it)
+    val_path = str(split) if split is not None else run.train.val_path if run.train.val_path != "none" else "auto"
+    run = run._replace(train=run.train.model_copy(update={"val_path": val_path}))
+    if split is not None and not Path(split).expanduser().is_dir():
+        raise RobovlaError(f"--split {split}: no such folder; give a dataset split folder (e.g. .../validation)")
     data = open_dataset(run, "val")
     if data is None:
-        raise RobovlaError(f"no validation split: {run.dataset.config.get('path')} has no sibling validation/ "
-                           "folder; pass --split PATH")
+        raise RobovlaError(f"no validation split: {dict(run.dataset.config).get('path')} has no sibling "
+                           "validation/ folder; pass --split PATH")
     vla, t = policy.vla, run.train
     windows = WindowDataset(data, policy.action_space, t.window, t.chunk)
     if len(windows) == 0:
