@@ -5,15 +5,14 @@ scene_obs)``, ``step(action) -> (obs, 0, False, info)``, ``get_obs()``, ``get_in
 ``close()`` behave like calvin_env's, with its dict layouts (:func:`make_info`). The world:
 
 - the TCP goes exactly where a relative action sends it (0.02 m per unit);
-- while the TCP is at the drawer's handle (sliding door's handle), the drawer (door) follows
-  the TCP along its axis: pulling toward -y opens the drawer, moving toward -x opens the door
-  to the left (both only increase scene_obs[1] / [0] the way CALVIN's do);
+- while the TCP is at the drawer's handle (the sliding door's), the drawer (door) follows the
+  TCP along its axis: toward -y opens the drawer, toward -x moves the door to the left;
 - pushing the button down toggles the LED;
 - closing the gripper within 3 cm of a block grasps it; the block then follows the TCP and
   touches only the robot; opening the gripper drops it back onto the table top.
 
-So open/close_drawer, move_slider_left/right, turn_on/off_led and lift_*_block_table can be
-done with scripted commands; nothing rotates, pushes or stacks blocks. Like the calvin_env
+So open/close_drawer, move_slider_left/right, turn_on/off_led and lift_*_block_table/_slider
+can be done with scripted commands; nothing rotates, pushes or stacks blocks. Like the calvin_env
 that mees/calvin pins, step() scales a relative action array in place.
 """
 
@@ -77,21 +76,24 @@ def make_info(blocks: dict[str, dict] | None = None, slide: float = 0.0, drawer:
 
 
 class FakeCalvinEnv:
-    """The fake simulator; ``built_with`` holds get_env's arguments, ``received`` every action array."""
+    """The fake simulator; ``built_with`` holds get_env's arguments, ``resets`` every reset's
+    (robot_obs, scene_obs) and ``received`` every action array."""
 
     def __init__(self, dataset_path: Any, obs_space: dict | None, show_gui: bool, use_egl: bool):
         self.built_with = {"path": dataset_path, "obs_space": obs_space, "show_gui": show_gui, "use_egl": use_egl}
         self.cameras = [k.split("_", 1)[1] for k in obs_space["rgb_obs"]] if obs_space else ["static", "gripper"]
         self.received: list[np.ndarray] = []
+        self.resets: list[tuple[Any, Any]] = []
         self.closed = False
         self.reset()
 
     def reset(self, robot_obs: np.ndarray | None = None, scene_obs: np.ndarray | None = None) -> dict:
+        self.resets.append((robot_obs, scene_obs))
         robot_obs = NEUTRAL if robot_obs is None else np.asarray(robot_obs, dtype=np.float64)
         if scene_obs is None:
             scene_obs = np.zeros(24)
             scene_obs[6:24:6], scene_obs[7:24:6], scene_obs[8:24:6] = (0.0, 0.1, 0.2), -0.1, TABLE_TOP
-        self.tcp, self.gripper = robot_obs[:3].copy(), int(robot_obs[14])
+        self.tcp, self.width, self.gripper = robot_obs[:3].copy(), float(robot_obs[6]), int(robot_obs[14])
         self.slide, self.drawer, self.button, self.switch, self.lightbulb, self.led = (float(v) for v in scene_obs[:6])
         self.blocks = {name: np.array(scene_obs[6 + 6 * i: 12 + 6 * i], dtype=np.float64)
                        for i, name in enumerate(BLOCKS)}
@@ -114,6 +116,7 @@ class FakeCalvinEnv:
             self.led = 1.0 - self.led
         self.button = 0.034 * self._button_down()
         self.gripper = int(action[6])
+        self.width = 0.08 if self.gripper > 0 else 0.05
         if self.gripper < 0 and self.held is None:
             near = [n for n, b in self.blocks.items() if np.linalg.norm(b[:3] - self.tcp) < REACH]
             self.held = near[0] if near else None
@@ -130,8 +133,7 @@ class FakeCalvinEnv:
         sizes = {"static": 200, "gripper": 84}
         rgb = {f"rgb_{c}": np.full((sizes[c], sizes[c], 3), len(self.received) % 256, np.uint8) for c in self.cameras}
         depth = {f"depth_{c}": np.zeros((sizes[c], sizes[c]), np.float32) for c in self.cameras}
-        width = 0.08 if self.gripper > 0 else 0.05
-        robot_obs = np.concatenate([self.tcp, NEUTRAL[3:6], [width], NEUTRAL[7:14], [self.gripper]])
+        robot_obs = np.concatenate([self.tcp, NEUTRAL[3:6], [self.width], NEUTRAL[7:14], [self.gripper]])
         scene_obs = np.concatenate([[self.slide, self.drawer, self.button, self.switch, self.lightbulb, self.led],
                                     *self.blocks.values()])
         return {"rgb_obs": rgb, "depth_obs": depth, "robot_obs": robot_obs, "scene_obs": scene_obs}

@@ -22,6 +22,7 @@ from pydantic import Field
 import robovla
 from robovla.dataset import Frames, Problem, Segment
 from robovla_plugins.datasets.calvin_actions import AbsWorld, RelTcp, RelWorld
+from robovla_plugins.datasets.calvin_sim import CalvinSim
 from robovla_plugins.datasets.calvin_synth import SyntheticReach, write_task
 
 CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
@@ -39,6 +40,7 @@ def register_datasets(register):
 @robovla.hookimpl
 def register_envs(register):
     register("synthetic", SyntheticReach)
+    register("calvin", CalvinSim)
 
 
 @robovla.hookimpl
