@@ -160,6 +160,8 @@ class CalvinSim(robovla.Env):
 
     def close(self) -> None:
         self.sim.close()
+        if getattr(self.sim, "cid", None) is not None:
+            self.sim.cid = -1  # calvin_env's __del__ closes again, and pybullet raises "Not connected"
 
     def _observation(self, obs: dict[str, Any]) -> Observation:
         rgb = obs["rgb_obs"]
