@@ -45,6 +45,8 @@ class Backbone(nn.Module, abc.ABC):
         learned_token_scale: factor for a learned token ([LRN]) entering the embedding space,
             so that it is scaled as text tokens are (1 when the model scales its inputs itself;
             sqrt(D) for Gemma, whose embedding layer scales the text).
+        shared_vision: True when :meth:`encode_images` ignores ``camera`` (one vision encoder for
+            every camera): the VLA then encodes all cameras of a step in one batched pass.
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
@@ -58,6 +60,7 @@ class Backbone(nn.Module, abc.ABC):
     bos_token_id: int
     eos_token_id: int | None
     learned_token_scale: float = 1.0
+    shared_vision: ClassVar[bool] = False
 
     def __init__(self, config: ComponentConfig):
         super().__init__()

@@ -279,7 +279,7 @@ class Policy:
                episodes: list[_Episode]) -> list[np.ndarray]:
         """One batched VLM pass and one head step per episode: each episode's chunk [C, A]."""
         head, chunks = self.vla.head, []
-        with torch.no_grad(), self._autocast():
+        with torch.inference_mode(), self._autocast():
             features = self.vla.features(self._images(observations), instructions)  # [b, 1, K, D]
             for row, ep in enumerate(episodes):
                 if ep.history is None:

@@ -83,8 +83,11 @@ class VLA(nn.Module):
             raise KeyError(f"the backbone reads cameras {list(bb.cameras)}, the batch has no {missing}")
         b, t = images[bb.cameras[0]].shape[:2]
         device = self.lrn.device
-        img = torch.cat([bb.encode_images(bb.preprocess_images(images[cam].flatten(0, 1).to(device), cam), cam)
-                         for cam in bb.cameras], dim=1)  # [M, N, D]
+        pixels = [bb.preprocess_images(images[cam].flatten(0, 1).to(device), cam) for cam in bb.cameras]
+        if bb.shared_vision and len({p.shape for p in pixels}) == 1:  # every camera in one vision pass
+            img = torch.cat(bb.encode_images(torch.cat(pixels), bb.cameras[0]).chunk(len(pixels)), dim=1)
+        else:
+            img = torch.cat([bb.encode_images(p, cam) for p, cam in zip(pixels, bb.cameras)], dim=1)  # [M, N, D]
         ids, mask = tokens.ids.to(device), tokens.mask.to(device)
         k, length, width = len(self.lrn), mask.sum(1), ids.shape[1]  # length [B]
         closing = [] if bb.eos_token_id is None else [bb.eos_token_id]

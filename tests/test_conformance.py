@@ -13,7 +13,7 @@ def test_checks_cover_the_registered_components():
     assert ("head", "example-linear", "usable") in ids
     assert ("action_space", "example-clip", "config_round_trips_through_toml") in ids
     expected = len(testing.CHECKS["head"]) + len(testing.CHECKS["action_space"])
-    assert len(testing.cases("robovla-example")) == expected == 11  # 3 for every kind, 5 head checks
+    assert len(testing.cases("robovla-example")) == expected == 12  # 3 for every kind, 6 head checks
 
 
 class Incomplete(robovla.ActionSpace):

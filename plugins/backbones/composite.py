@@ -48,6 +48,7 @@ class Composite(PromptedBackbone):
 
     Config: ClassVar[type[CompositeConfig]] = CompositeConfig
     test_config: ClassVar[dict[str, Any]] = {"size": "tiny"}
+    shared_vision = True  # one timm encoder for every camera: the VLA encodes them in one pass
 
     def __init__(self, config: CompositeConfig):
         super().__init__(config)

@@ -144,6 +144,7 @@ class HFBackbone(PromptedBackbone):
 
     Config: ClassVar[type[HFConfig]] = HFConfig
     test_config: ClassVar[dict[str, Any]] = {"size": "tiny"}
+    shared_vision = True  # one vision tower for every camera: the VLA encodes them in one pass
     family: ClassVar[str]  # the registered name, for registry.toml's checkpoints table
     model_class: ClassVar[str]  # transformers class name
     default_mean: ClassVar[tuple[float, float, float]]
