@@ -84,9 +84,9 @@ def test_every_backbone_with_the_lstm_head_fits_16_windows(backbone, synth):
     batch = next(iter(make_loader(windows, 16, preprocess=Preprocess(vla.backbone.image_size, train=False),
                                   shuffle=True, num_workers=0)))
     optimizer = torch.optim.AdamW([p for p in vla.parameters() if p.requires_grad], lr=1e-3)
-    vla.train()
+    vla.eval()  # dropout off: the fit is deterministic (with dropout, Kosmos-2's plateau lasts 130 to 540 steps)
     first = None
-    for step in range(400):
+    for step in range(600):
         loss, _ = vla.loss(batch)
         value = float(loss.detach())
         first = value if first is None else first
