@@ -67,7 +67,12 @@ def test_chains_are_the_official_sequences(env):
     chains = env.chains(1000)
     assert [(c.state, c.tasks) for c in chains] == cp.sequences()
     assert json.loads(json.dumps(chains[0].state)) == chains[0].state
-    assert env.tasks == tuple(cp.TASKS) and len(env.tasks) == 34
+    assert env.tasks == tuple(cp.TASKS) and len(env.tasks) == 34  # before a reset
+    for chain in chains[:20]:  # after one: the tasks feasible from the start state
+        env.reset(chain.state)
+        assert chain.tasks[0] in env.tasks and len(env.tasks) < 34
+        drawer = {"open": "close_drawer", "closed": "open_drawer"}[chain.state["drawer"]]
+        assert drawer in env.tasks and {"open_drawer", "close_drawer"} - {drawer} - set(env.tasks)
     with pytest.raises(ValueError, match="1 to 1000"):
         env.chains(1001)
 

@@ -24,7 +24,7 @@ import robovla
 from robovla.env import Chain, Observation
 from robovla.errors import unknown
 from robovla_plugins.datasets.calvin_protocol import (NEUTRAL_ROBOT_OBS, NUM_SEQUENCES, TASKS, VALIDATION_INSTRUCTIONS,
-                                                      check_state, initial_scene_obs, initial_states, sequences,
+                                                      apply, check_state, initial_scene_obs, initial_states, sequences,
                                                       task_achieved)
 
 INSTALL = ("calvin_env is not on PyPI; install it from git with its tacto submodule:\n"
@@ -113,11 +113,15 @@ class CalvinSim(robovla.Env):
         self.sim = factory(Path(config.path).expanduser(), obs_space=obs_space, show_gui=False, use_egl=config.use_egl)
         self.task: str | None = None
         self.start_info: dict[str, Any] | None = None
+        self.start_state: dict[str, Any] | None = None  # the symbolic state of the last reset
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        """CALVIN's 34 tasks; which are feasible depends on the scene (a chain's are)."""
-        return tuple(TASKS)
+        """The tasks feasible from the start state of the last reset (exactly one of the task's
+        symbolic rules applies, as in the sequence generator); all 34 before a reset."""
+        if self.start_state is None:
+            return tuple(TASKS)
+        return tuple(t for t in TASKS if len(apply(self.start_state, t)) == 1)
 
     def reset(self, state: Any = None) -> Observation:
         """``state``: a chain's start state (a dict, see :func:`check_state`), or an int seed
@@ -128,7 +132,8 @@ class CalvinSim(robovla.Env):
         elif not isinstance(state, dict):
             raise CalvinSimError(f"CalvinSim.reset takes a start state (a dict from chains()) or an int seed, "
                                  f"got {state!r}")
-        scene_obs = initial_scene_obs(check_state(state))
+        self.start_state = check_state(state)
+        scene_obs = initial_scene_obs(self.start_state)
         self.task, self.start_info = None, None
         return self._observation(self.sim.reset(robot_obs=NEUTRAL_ROBOT_OBS.copy(), scene_obs=scene_obs))
 
