@@ -3,13 +3,17 @@
     robo-run eval --run RUN_DIR [--checkpoint NAME] [--offline | --closed-loop]
         offline:     [--split PATH] [--batches N] [--batch-size N]
         closed loop: [--env NAME] [--env.FIELD VALUE ...] [--protocol long-horizon|episodes]
-                     [--sequences N] [--episodes N] [--steps N] [--envs N] [--execute POLICY] [--seed S]
+                     [--sequences N] [--shard I/N] [--episodes N] [--steps N] [--envs N]
+                     [--execute POLICY] [--seed S]
         [--device cpu|cuda] [--out DIR] [--no-progress]
+    robo-run eval --merge long_horizon-shard-*.json [--out DIR]
 
 Without --offline or --closed-loop both run where they can: offline when the run has a
 validation split, closed loop when an env is named (or the run was trained with
 ``--train.eval_env``). Reports go to ``RUN_DIR/eval/<checkpoint>/`` (``--out``): per part
-a JSON file and a PNG chart, and a table printed on the terminal.
+a JSON file and a PNG chart, and a table printed on the terminal. ``--shard I/N`` runs
+chains I, I+N, I+2N, ... (one process each, e.g. one per core for CALVIN's 1.8 million
+steps); ``--merge`` combines their reports into the report of all chains.
 
 Offline metrics (shape letters: B batch, T window, C chunk, A action dim): the head's
 loss, and over every unmasked (window step, chunk position) the arm error per dimension
@@ -153,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
         prog="robo-run eval", description="Evaluate a trained run: offline metrics on a validation split and "
         "closed-loop control in an env (CALVIN's long-horizon protocol, or single-task episodes). Env fields: "
         "--env.FIELD VALUE.")
-    p.add_argument("--run", required=True, type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--run", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
+                   help="merge the long-horizon reports of shards (--shard) into one, instead of evaluating")
     p.add_argument("--checkpoint", default=None, help="a checkpoint name under RUN/checkpoints (default: last)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--offline", action="store_true", help="only the offline metrics")
@@ -165,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("long-horizon", "episodes"), default="long-horizon",
                    help="closed loop: CALVIN's chains of subtasks (default), or single-task episodes")
     p.add_argument("--sequences", type=int, default=1000, help="long-horizon: chains to run (default 1000)")
+    p.add_argument("--shard", default=None, help="long-horizon: I/N runs chains I, I+N, I+2N, ... (0 <= I < N)")
     p.add_argument("--episodes", type=int, default=100, help="episodes: episodes to run (default 100)")
     p.add_argument("--steps", type=int, default=None, help="env steps per (sub)task (default: the env's max_steps)")
     p.add_argument("--envs", type=int, default=1, help="envs run side by side, stepped as one batch (default 1)")
@@ -204,6 +211,12 @@ def main(argv: list[str]) -> int:
 
     argv, env_fields = split_env_flags(argv)
     args = parser().parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    if args.run is None:
+        raise ConfigError(["--run RUN_DIR: the run to evaluate (or --merge REPORT ... to merge shard reports)"],
+                          header="cannot evaluate")
+    shard = parse_shard(args.shard)
     for flag, value in (("--envs", args.envs), ("--sequences", args.sequences), ("--episodes", args.episodes),
                         ("--batch-size", args.batch_size)):
         if value < 1:
@@ -240,9 +253,11 @@ def main(argv: list[str]) -> int:
             (out / "offline.json").write_text(json.dumps(report, indent=2))
             written += [out / "offline.json", offline_chart(report, out / "offline.png", title)]
     if do_closed:
-        report = closed_loop(policy, env_name, env_fields, args, run)
+        report = closed_loop(policy, env_name, env_fields, args, run, shard)
         print(("\n" if do_offline else "") + rollout.table(report))
         name = "long_horizon" if report["protocol"] == "long-horizon" else "episodes"
+        if shard is not None:
+            name += f"-shard-{shard[0]}-of-{shard[1]}"
         (out / f"{name}.json").write_text(json.dumps(report, indent=2))
         written += [out / f"{name}.json", rollout.chart(report, out / f"{name}.png", title)]
     if not written:
@@ -252,8 +267,41 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N), checked; None stays None."""
+    if text is None:
+        return None
+    i, slash, n = text.partition("/")
+    if not (slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise ConfigError([f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/8"], header="invalid arguments")
+    return int(i), int(n)
+
+
+def merge(files: list[Path], out: Path | None) -> int:
+    """``robo-run eval --merge``: the shards' long-horizon reports -> one report, table and chart."""
+    from robovla import rollout
+
+    reports = []
+    for file in files:
+        try:
+            reports.append(json.loads(Path(file).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RobovlaError(f"--merge {file}: cannot read a JSON report ({exc})") from None
+    try:
+        report = rollout.merge_chains(reports)
+    except ValueError as exc:
+        raise RobovlaError(f"--merge: {exc}") from None
+    out = out or Path(files[0]).parent
+    out.mkdir(parents=True, exist_ok=True)
+    print(rollout.table(report))
+    (out / "long_horizon.json").write_text(json.dumps(report, indent=2))
+    chart = rollout.chart(report, out / "long_horizon.png", title=f"{len(files)} shards merged")
+    print(f"\nwrote {out / 'long_horizon.json'}, {chart}")
+    return 0
+
+
 def closed_loop(policy: Any, env_name: str, env_fields: dict[str, str], args: argparse.Namespace,
-                run: Any) -> dict[str, Any]:
+                run: Any, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     import robovla
     from robovla import rollout
 
@@ -272,8 +320,16 @@ def closed_loop(policy: Any, env_name: str, env_fields: dict[str, str], args: ar
                 chains = envs[0].chains(args.sequences)
             except NotImplementedError as exc:
                 raise RobovlaError(str(exc)) from None
+            indices = list(range(len(chains)))
+            if shard is not None:
+                chains, indices = chains[shard[0]::shard[1]], indices[shard[0]::shard[1]]
+                if not chains:
+                    raise ConfigError([f"--shard {shard[0]}/{shard[1]}: no chains among {args.sequences}"],
+                                      header="invalid arguments")
             report = rollout.long_horizon(policy, envs, chains, steps_per_task=args.steps, seed=seed,
-                                          progress=progress)
+                                          progress=progress, indices=indices)
+            if shard is not None:
+                report["shard"] = f"{shard[0]}/{shard[1]}"
     finally:
         for env in envs:
             env.close()

@@ -49,7 +49,8 @@ def episode_max_steps(env: Env, max_steps: int | None) -> int:
 class _Running:
     """One env's current chain."""
 
-    index: int
+    position: int  # in the chains given
+    index: int  # the chain's number
     chain: Chain
     observation: Observation
     instruction: str = ""
@@ -59,13 +60,14 @@ class _Running:
 
 
 def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_per_task: int | None = None,
-                 seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                 seed: int = 0, progress: bool = True, indices: list[int] | None = None) -> dict[str, Any]:
     """Run ``chains`` under the long-horizon protocol (module docstring) on ``envs`` side by side.
 
     Returns ``avg_len``, ``chain_sr`` {"1".."L": fraction}, ``task_info`` {task: {"success",
     "total"}}, ``sequences``, ``steps_per_task``, ``mean_steps`` (env steps per chain) and
-    ``results`` (per chain: its index, state, tasks, ``completed``, instructions and the steps
-    each attempted subtask took).
+    ``results`` (per chain: its index, state, tasks, ``completed`` and the steps each attempted
+    subtask took). ``indices`` numbers the chains (default 0, 1, ...): a shard of a longer
+    list keeps the numbers, and so the seeds, its chains have in the whole list.
     """
     from tqdm import tqdm
 
@@ -75,7 +77,10 @@ def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_
     if not chains:
         raise ValueError("long_horizon needs at least one chain")
     limit = episode_max_steps(envs[0], steps_per_task)
-    pending = deque(enumerate(chains))
+    indices = list(range(len(chains))) if indices is None else list(indices)
+    if len(indices) != len(chains):
+        raise ValueError(f"{len(indices)} indices for {len(chains)} chains")
+    pending = deque(zip(range(len(chains)), indices, chains))
     results: list[dict[str, Any] | None] = [None] * len(chains)
     running: dict[int, _Running] = {}
 
@@ -86,13 +91,13 @@ def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_
         policy.reset(slot, seed=seed * 1_000_003 + r.index * 101 + r.subtask)
 
     def start_chain(slot: int) -> None:
-        index, chain = pending.popleft()
-        running[slot] = _Running(index, chain, envs[slot].reset(chain.state))
+        position, index, chain = pending.popleft()
+        running[slot] = _Running(position, index, chain, envs[slot].reset(chain.state))
         begin_subtask(slot)
 
     def finish(slot: int, completed: int) -> None:
         r = running.pop(slot)
-        results[r.index] = {"index": r.index, "state": r.chain.state, "tasks": list(r.chain.tasks),
+        results[r.position] = {"index": r.index, "state": r.chain.state, "tasks": list(r.chain.tasks),
                             "completed": completed, "steps": r.steps_per_subtask}
         policy.drop(slot)
         bar.update(1)
@@ -126,7 +131,8 @@ def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_
 
 
 def summarize_chains(results: list[dict[str, Any]], steps_per_task: int) -> dict[str, Any]:
-    """The protocol's metrics from per-chain results (see :func:`long_horizon`)."""
+    """The protocol's metrics from per-chain results (see :func:`long_horizon`); also how the
+    reports of shards run apart are merged (:func:`merge_chains`)."""
     length = max(len(r["tasks"]) for r in results)
     completed = np.array([r["completed"] for r in results])
     task_info: dict[str, dict[str, int]] = defaultdict(lambda: {"success": 0, "total": 0})
@@ -138,6 +144,24 @@ def summarize_chains(results: list[dict[str, Any]], steps_per_task: int) -> dict
     return {"protocol": "long-horizon", "avg_len": float(completed.mean()), "chain_sr": chain_sr,
             "task_info": dict(sorted(task_info.items())), "sequences": len(results), "steps_per_task": steps_per_task,
             "mean_steps": float(np.mean([sum(r["steps"]) for r in results])), "results": results}
+
+
+def merge_chains(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One long-horizon report from the reports of shards of the same chains (e.g. run in
+    several processes with ``robo-run eval --shard I/N``), the chains in index order."""
+    if not reports or any(r.get("protocol") != "long-horizon" for r in reports):
+        raise ValueError("merge long-horizon reports (long_horizon*.json), at least one")
+    steps = {r["steps_per_task"] for r in reports}
+    if len(steps) != 1:
+        raise ValueError(f"the reports ran different steps per subtask {sorted(steps)}; merge like with like")
+    results = sorted((x for r in reports for x in r["results"]), key=lambda x: x["index"])
+    seen = [x["index"] for x in results]
+    if len(set(seen)) != len(seen):
+        twice = sorted({i for i in seen if seen.count(i) > 1})
+        raise ValueError(f"chains {twice[:10]} appear in more than one report; merge each shard once")
+    merged = summarize_chains(results, steps.pop())
+    extra = {k: v for k, v in reports[0].items() if k not in merged and k not in ("shard",)}
+    return {**extra, **merged, "merged": len(reports)}
 
 
 # ---------------------------------------------------------------------------- episodes

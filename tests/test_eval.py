@@ -80,3 +80,25 @@ def test_eval_errors_name_the_fix(run, capsys):
     assert "--envs: must be >= 1" in capsys.readouterr().err
     assert main(["eval", "--run", str(run), "--offline", "--split", str(run / "nowhere")]) == 1
     assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_shards_merge_into_the_whole_evaluation(run, tmp_path, capsys):
+    common = ["eval", "--run", str(run), "--closed-loop", "--env", "synthetic", "--sequences", "5", "--steps", "12",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    for i in (0, 1):
+        assert main([*common, "--shard", f"{i}/2", "--out", str(tmp_path / "parts")]) == 0
+    shards = sorted((tmp_path / "parts").glob("long_horizon-shard-*.json"))
+    assert [p.name for p in shards] == ["long_horizon-shard-0-of-2.json", "long_horizon-shard-1-of-2.json"]
+    assert [r["index"] for r in json.loads(shards[1].read_text())["results"]] == [1, 3]
+    assert main(["eval", "--merge", *map(str, shards), "--out", str(tmp_path / "merged")]) == 0
+    whole = json.loads((tmp_path / "whole" / "long_horizon.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "long_horizon.json").read_text())
+    for key in ("results", "avg_len", "chain_sr", "task_info", "sequences", "mean_steps"):
+        assert merged[key] == whole[key], key  # the same chains, with the same seeds
+    assert merged["merged"] == 2 and (tmp_path / "merged" / "long_horizon.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--merge", str(shards[0]), str(shards[0])]) == 1
+    assert "appear in more than one report" in capsys.readouterr().err
+    assert main([*common, "--shard", "2/2"]) == 2
+    assert "expected I/N with 0 <= I < N" in capsys.readouterr().err
