@@ -81,18 +81,18 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
             loss, _ = vla.head.loss(prediction, batch.actions, batch.action_mask)
             losses.append((float(loss), len(batch.instruction)))
             actions = vla.head.actions(prediction, generator=sampling).float()  # [B, T, C, A]
-            mask = batch.action_mask.bool()  # [B, T, C]
-            err = (actions[..., :-1] - batch.actions[..., :-1]).float()
-            right = ((actions[..., -1] >= 0.5) == (batch.actions[..., -1] >= 0.5)).float()
+            mask = batch.action_mask.float()  # [B, T, C]
+            err = (actions[..., :-1] - batch.actions[..., :-1]).float() * mask[..., None]  # masked: 0
+            right = ((actions[..., -1] >= 0.5) == (batch.actions[..., -1] >= 0.5)).float() * mask
+            per_window = {"count": mask.sum((1, 2)), "l1": err.abs().sum((1, 2)), "sq": err.square().sum((1, 2)),
+                          "right": right.sum((1, 2))}  # each [B] or [B, A-1]
+            per_window = {k: v.cpu().numpy().astype(np.float64) for k, v in per_window.items()}
             for b in range(len(batch.instruction)):
-                m = mask[b]
                 for key in ("all", tasks[seen + b]):
                     s = sums[key]
                     s["windows"] += 1
-                    s["count"] += float(m.sum())
-                    s["l1"] = s["l1"] + err[b][m].abs().sum(0).cpu().numpy()
-                    s["sq"] = s["sq"] + err[b][m].square().sum(0).cpu().numpy()
-                    s["right"] += float(right[b][m].sum())
+                    for k, v in per_window.items():
+                        s[k] = s[k] + v[b]
             seen += len(batch.instruction)
 
     def metrics(s: dict[str, Any]) -> dict[str, Any]:
@@ -110,14 +110,10 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
 
 def offline_chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
     """A PNG: the arm L1 per dimension, and the arm L1 and gripper accuracy per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from robovla.rollout import report_figure, save_figure
 
     tasks = sorted(report["per_task"], key=lambda k: report["per_task"][k]["arm_l1"])
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.28 * len(tasks) + 1)),
-                                 gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, ax, bx = report_figure(len(tasks))
     dims = report["arm_l1_per_dim"]
     bars = ax.bar(list(dims), list(dims.values()), color="#4c72b0")
     ax.bar_label(bars, fmt="%.3f", fontsize=8)
@@ -129,13 +125,7 @@ def offline_chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
                              f"{report['per_task'][k]['windows']} win" for k in tasks], fontsize=8, padding=2)
     bx.set_xlabel("arm L1 per task")
     bx.margins(x=0.35)
-    bx.tick_params(axis="y", labelsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def offline_table(report: dict[str, Any]) -> str:

@@ -213,14 +213,34 @@ def evaluate(policy: Any, env: Env, episodes: int, seed: int = 0, max_steps: int
 # ----------------------------------------------------------------------------- reports
 
 
-def chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
-    """A PNG of a closed-loop report: success after 1..L subtasks in a row (long horizon)
-    or the success rate (episodes), and the success rate per task."""
+def report_figure(tasks: int) -> tuple[Any, Any, Any]:
+    """The layout of a report chart: (figure, headline axes on the left, per-task axes on the
+    right), tall enough for one bar per task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.28 * tasks + 1)), gridspec_kw={"width_ratios": [1, 1.4]})
+    bx.tick_params(axis="y", labelsize=8)
+    return fig, ax, bx
+
+
+def save_figure(fig: Any, path: Path, title: str = "") -> Path:
+    """Title, lay out, write ``path`` as a PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
+    """A PNG of a closed-loop report: success after 1..L subtasks in a row (long horizon)
+    or the success rate (episodes), and the success rate per task."""
     if report["protocol"] == "long-horizon":
         left = {f"{k}/{len(report['chain_sr'])}": v for k, v in report["chain_sr"].items()}
         left_title = f"tasks completed in a row (avg. len {report['avg_len']:.2f}, {report['sequences']} chains)"
@@ -231,8 +251,7 @@ def chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
         left_title = f"success rate ({report['episodes']} episodes)"
         per_task = {t: v["success_rate"] for t, v in report["per_task"].items()}
         counts = {t: v["episodes"] for t, v in report["per_task"].items()}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.28 * len(per_task) + 1)),
-                                 gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, ax, bx = report_figure(len(per_task))
     bars = ax.bar(list(left), [100 * v for v in left.values()], color="#4c72b0")
     ax.bar_label(bars, fmt="%.1f%%")
     ax.set_ylim(0, 105)
@@ -243,13 +262,7 @@ def chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
     bx.bar_label(hb, labels=[f"{100 * per_task[t]:.0f}% of {counts[t]}" for t in names], fontsize=8, padding=2)
     bx.set_xlim(0, 118)
     bx.set_xlabel("success per task (%)")
-    bx.tick_params(axis="y", labelsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def table(report: dict[str, Any]) -> str:

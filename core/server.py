@@ -116,9 +116,8 @@ class PolicyServer:
         if max_batch < 1 or max_sessions < 1:
             raise ValueError(f"max_batch and max_sessions must be >= 1, got {max_batch} and {max_sessions}")
         self.policy, self.max_batch, self.max_sessions = policy, max_batch, max_sessions
-        cameras = policy.cameras
-        side = MAX_IMAGE_SIDE
-        self.max_body = len(cameras) * side * side * 3 + (1 << 20)  # the largest images allowed, and change
+        # the largest images allowed, and change
+        self.max_body = len(policy.cameras) * MAX_IMAGE_SIDE ** 2 * 3 + (1 << 20)
         self.sessions: dict[str, int] = {}  # session -> steps taken
         self.lock = threading.Lock()  # guards the policy and the sessions
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
