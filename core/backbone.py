@@ -41,7 +41,8 @@ class Backbone(nn.Module, abc.ABC):
         lora_targets: default PEFT ``target_modules`` (a list of names or a regex): by
             default the language model's attention and MLP projections.
         bos_token_id: the id that opens each sequence.
-        eos_token_id: the id that closes it, after [LRN]; None when nothing follows [LRN].
+        eos_token_id: the id that closes it, after [LRN] (Kosmos-2: </s>; PaLI-Gemma: the "\\n"
+            separator its prompt ends in); None when nothing follows [LRN].
         learned_token_scale: factor for a learned token ([LRN]) entering the embedding space,
             so that it is scaled as text tokens are (1 when the model scales its inputs itself;
             sqrt(D) for Gemma, whose embedding layer scales the text).

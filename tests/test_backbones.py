@@ -80,13 +80,16 @@ def test_kosmos_sequence_is_bos_gripper_static_prompt_lrn_eos():
         assert roles[m].tolist() == row
 
 
-def test_paligemma_follows_the_recipe_prompt_and_attends_causally():
+def test_paligemma_follows_the_recipe_layout_and_attends_causally():
     vla = make("paligemma")
     bb = vla.backbone
-    assert bb.bos_token_id == bb.tokenizer.eos_token_id and bb.eos_token_id is None
-    assert bb.tokenizer.decode(bb.tokenize(["open the drawer"]).ids[0]) == "open the drawer\n"
+    newline = bb.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert bb.bos_token_id == bb.tokenizer.eos_token_id and [bb.eos_token_id] == newline
+    assert bb.tokenizer.decode(bb.tokenize(["open the drawer"]).ids[0]) == "open the drawer"
     embeds, mask, lrn_at, _ = vla.assemble(frames(vla, b=1, t=1), vla.tokenize(["open the drawer"]))
-    assert lrn_at.item() == embeds.shape[1] - 1  # [LRN] closes the sequence
+    # [<eos>][images][instruction][LRN]["\n"]: [LRN] sits before the separator, as the recipe puts it
+    assert lrn_at.item() == embeds.shape[1] - 2
+    assert torch.equal(embeds[0, -1], bb.embed_tokens(torch.tensor(newline))[0])
     # [LRN] enters scaled like the text (Gemma's embedding layer multiplies by sqrt(D))
     assert bb.learned_token_scale == pytest.approx(8.0)
     with torch.no_grad():

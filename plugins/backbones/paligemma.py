@@ -4,8 +4,12 @@ transformers PaliGemmaForConditionalGeneration.
 Image tokens are SigLIP's last hidden state through the multi-modal projector, as the
 model makes them itself (256 tokens of D = 2048 at full size); text embeddings come from
 Gemma's embedding layer, which scales them by sqrt(D), so [LRN] is scaled the same way.
-The prompt is the recipe's: the sequence opens with Gemma's <eos> as the first token
-(the slot the images follow), then "{instruction}\\n", then [LRN]; nothing closes it.
+The layout is the recipe's: RoboVLMs words the prompt "<eos>{instruction}\\n" and puts
+[LRN] one position before the end, so each frame reads
+``[<eos>][image tokens][instruction][LRN]["\\n"]``: <eos> opens the sequence (the slot the
+images follow) and the "\\n" separator closes it, after [LRN]. The instruction and the
+separator are tokenized apart, which gives the same ids as tokenizing them together (Gemma
+keeps "\\n" a token of its own; the parity test checks it on a Gemma-style tokenizer).
 token_type_ids are always passed (all suffix, i.e. causal attention as the recipe ran
 it), because without them the attention pattern of a PaLI-Gemma model changes with
 padding (bidirectional without, causal with).
@@ -20,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from robovla_plugins.backbones.hf import HFBackbone, HFConfig, char_tokenizer
+from robovla_plugins.backbones.hf import BackboneLoadError, HFBackbone, HFConfig, char_tokenizer
 
 SIZES = {  # random-init sizes: (text width, text layers, vision width, vision layers, image px)
     "tiny": (64, 2, 32, 2, 32),
@@ -35,7 +39,8 @@ class PaliGemma(HFBackbone):
     model_class = "PaliGemmaForConditionalGeneration"
     default_mean = (0.5, 0.5, 0.5)  # SigLIP
     default_std = (0.5, 0.5, 0.5)
-    prompt_template = "{instruction}\n"
+    prompt_template = "{instruction}"
+    separator = "\n"  # closes every frame's sequence, after [LRN] (the recipe's prompt ends in it)
 
     class Config(HFConfig):
         path: str = Field("google/paligemma-3b-pt-224", description="Hugging Face hub id, or a local folder "
@@ -46,10 +51,18 @@ class PaliGemma(HFBackbone):
         text = self.model.config.text_config
         self.hidden_size = int(text.hidden_size)
         self.bos_token_id = int(self.tokenizer.eos_token_id)  # the recipe opens with <eos>
-        self.eos_token_id = None
+        self.eos_token_id = self._separator_id()
         self.learned_token_scale = math.sqrt(self.hidden_size)  # as the embedding layer scales text
         self.lora_targets = (r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|"
                              r"mlp\.(gate_proj|up_proj|down_proj))")
+
+    def _separator_id(self) -> int:
+        ids = self.tokenizer(self.separator, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise BackboneLoadError(f"--backbone.path {self.config.path}: its tokenizer splits the separator "
+                                    f"{self.separator!r} into {len(ids)} tokens {ids}; PaLI-Gemma's tokenizer has "
+                                    "it as one token. Fix: give the folder of a PaLI-Gemma (Gemma) tokenizer")
+        return int(ids[0])
 
     def make_tokenizer(self) -> Any:
         return char_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], "<bos>", "<eos>", "<pad>", "<unk>")
