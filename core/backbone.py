@@ -46,6 +46,9 @@ class Backbone(nn.Module, abc.ABC):
         learned_token_scale: factor for a learned token ([LRN]) entering the embedding space,
             so that it is scaled as text tokens are (1 when the model scales its inputs itself;
             sqrt(D) for Gemma, whose embedding layer scales the text).
+        resize_filter: how camera images are resized to ``image_size`` before
+            :meth:`preprocess_images` (``bilinear`` or ``bicubic``, robovla.loader.resize): the
+            training loader and the Policy both resize with it.
         shared_vision: True when :meth:`encode_images` ignores ``camera`` (one vision encoder for
             every camera): the VLA then encodes all cameras of a step in one batched pass.
     """
@@ -61,6 +64,7 @@ class Backbone(nn.Module, abc.ABC):
     bos_token_id: int
     eos_token_id: int | None
     learned_token_scale: float = 1.0
+    resize_filter: str = "bilinear"
     shared_vision: ClassVar[bool] = False
 
     def __init__(self, config: ComponentConfig):

@@ -64,7 +64,7 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
     windows = WindowDataset(data, policy.action_space, t.window, t.chunk)
     if len(windows) == 0:
         raise RobovlaError(f"the validation split has no windows of {t.window} frames")
-    loader = make_loader(windows, batch_size, preprocess=Preprocess(image_size=vla.backbone.image_size, train=False),
+    loader = make_loader(windows, batch_size, preprocess=Preprocess.for_backbone(vla.backbone, train=False),
                          shuffle=False, num_workers=0, drop_last=False)
     tasks = [windows.segments[int(s)].task or "(none)" for s in windows.index[:, 0]]
     sums: dict[str, dict[str, np.ndarray]] = defaultdict(lambda: defaultdict(float))

@@ -46,14 +46,26 @@ def shift_into(out: np.ndarray, image: np.ndarray, oy: int, ox: int) -> None:
     out[:, x1:] = out[:, x1 - 1: x1]
 
 
-def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3] (bilinear, antialiased when shrinking).
+RESIZE_FILTERS = ("bilinear", "bicubic")
 
-    Stays in uint8 and channels-last, torch's fast path (10x the float route here, within
-    one grey level of it).
+
+def resize(images: np.ndarray, size: int, filter: str = "bilinear") -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3] with ``filter``:
+
+    - ``bilinear``: antialiased when shrinking, in uint8 and channels-last, torch's fast
+      path (10x the float route here, within one grey level of it);
+    - ``bicubic``: PIL's bicubic, which is what the Kosmos-2 and PaLI-Gemma image processors
+      and RoboVLMs' loaders do (torch's own bicubic differs from it by up to 2 grey levels).
     """
+    if filter not in RESIZE_FILTERS:
+        raise ValueError(f"resize filter {filter!r}: use one of {', '.join(RESIZE_FILTERS)}")
     if images.shape[1:3] == (size, size):
         return images
+    if filter == "bicubic":
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.BICUBIC))
+                         for img in images])
     if not (images.flags.writeable and images.flags.c_contiguous):  # e.g. a read-only cache slice
         images = np.array(images)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)  # [T, 3, H, W] view, channels-last
@@ -69,6 +81,12 @@ class Preprocess:
     image_size: int | None = None  # S; None keeps the dataset's sizes
     shift: dict[str, int] = field(default_factory=lambda: {"static": 10, "gripper": 4})  # pad per camera
     train: bool = True
+    filter: str = "bilinear"  # how images are resized to S (see :func:`resize`)
+
+    @classmethod
+    def for_backbone(cls, backbone: Any, train: bool = True) -> Preprocess:
+        """Images as ``backbone`` reads them: its image size and resize filter."""
+        return cls(image_size=backbone.image_size, train=train, filter=backbone.resize_filter)
 
     def __call__(self, window: Window, rng: np.random.Generator) -> Window:
         images = {cam: np.empty(self.shape(img), np.uint8) for cam, img in window.images.items()}
@@ -86,7 +104,7 @@ class Preprocess:
             if out[cam].shape != self.shape(img):
                 raise ValueError(f"camera {cam!r}: frames of shape {img.shape} do not fit a batch buffer of "
                                  f"{out[cam].shape}; every sample of a batch needs the same size (set image_size)")
-            img = resize(img, self.image_size) if self.image_size else img
+            img = resize(img, self.image_size, self.filter) if self.image_size else img
             pad = self.shift.get(cam, 0) if self.train else 0
             if pad <= 0:
                 out[cam][...] = img

@@ -153,6 +153,7 @@ class Policy:
         self.info = dict(info or {})
         self.cameras: tuple[str, ...] = tuple(vla.backbone.cameras)
         self.image_size: int | None = getattr(vla.backbone, "image_size", None)
+        self.resize_filter: str = vla.backbone.resize_filter
         self.has_history = bool(getattr(vla.head, "history_attributes", ()))
         self.episodes: dict[Hashable, _Episode] = {}
         vla.eval()
@@ -321,7 +322,7 @@ class Policy:
         for cam in self.cameras:
             frames = [np.ascontiguousarray(o.images[cam]) for o in observations]
             if self.image_size:
-                frames = [resize(f[None], self.image_size)[0] for f in frames]
+                frames = [resize(f[None], self.image_size, self.resize_filter)[0] for f in frames]
             elif len({f.shape for f in frames}) > 1:
                 raise ObservationError(f"camera {cam!r}: episodes stepped together need images of one size, got "
                                        f"{sorted({f.shape for f in frames})}")

@@ -269,7 +269,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     if len(windows) < t.batch_size * fabric.world_size:
         raise ValueError(f"{len(windows)} training windows are fewer than one global batch "
                          f"({t.batch_size} x {fabric.world_size}); lower --train.batch_size")
-    pre = Preprocess(image_size=vla.backbone.image_size, train=t.augment)
+    pre = Preprocess.for_backbone(vla.backbone, train=t.augment)
     # The loader gets its own generator so that starting it draws nothing from the global RNG:
     # dropout then sees the same random numbers whether or not the run was resumed mid-epoch.
     loader = make_loader(windows, t.batch_size, preprocess=pre, seed=t.seed, num_workers=t.num_workers,
@@ -278,7 +278,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     val_data = open_dataset(run, "val")
     val_loader = None if val_data is None else make_loader(
         WindowDataset(val_data, space, t.window, t.chunk), t.batch_size,
-        preprocess=Preprocess(image_size=vla.backbone.image_size, train=False), shuffle=False,
+        preprocess=Preprocess.for_backbone(vla.backbone, train=False), shuffle=False,
         num_workers=t.num_workers, rank=fabric.global_rank, world_size=fabric.world_size, drop_last=False,
         generator=torch.Generator().manual_seed(t.seed))
 

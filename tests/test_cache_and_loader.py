@@ -84,6 +84,29 @@ def test_resize_keeps_uint8_and_values():
     assert np.abs(resize(ramp, 224).astype(int) - float_ref.round().permute(0, 2, 3, 1).numpy()).max() <= 1
 
 
+def test_bicubic_resize_is_pils_and_the_vlm_backbones_read_with_it():
+    from PIL import Image
+
+    y, x = np.mgrid[0:200, 0:200] / 200
+    smooth = np.stack([127.5 + 127.5 * np.sin(7 * x + 4 * y), 255 * x * y, 127.5 + 127.5 * np.cos(9 * x)], -1)
+    noise = np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)
+    for img in (smooth.round().astype(np.uint8), noise, smooth[::3, ::3].round().astype(np.uint8)):  # 200, 84, 67
+        pil = np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC)).astype(int)
+        assert (resize(img[None], 224, "bicubic")[0].astype(int) == pil).all()
+        assert np.abs(resize(img[None], 224).astype(int)[0] - pil).max() >= 2  # bilinear is another filter
+    with pytest.raises(ValueError, match="use one of bilinear, bicubic"):
+        resize(noise[None], 224, "lanczos")
+    kosmos = robovla.create("backbone", "kosmos", {"size": "tiny"})
+    assert kosmos.resize_filter == "bicubic" and Preprocess.for_backbone(kosmos).filter == "bicubic"
+    assert robovla.create("backbone", "kosmos", {"size": "tiny", "resize": "bilinear"}).resize_filter == "bilinear"
+    assert robovla.create("backbone", "cnn-pool", {}).resize_filter == "bilinear"
+    # images that reach the backbone at another size are resized with its filter too
+    frames = torch.from_numpy(np.stack([noise, noise[::-1]]))
+    pixels = kosmos.preprocess_images(frames, "static")
+    expected = kosmos.preprocess_images(torch.from_numpy(resize(frames.numpy(), 32, "bicubic")), "static")
+    assert pixels.shape == (2, 3, 32, 32) and torch.equal(pixels, expected)
+
+
 def test_sampler_shards_cover_every_sample_and_depend_only_on_seed_and_epoch():
     parts = [list(ShardedSampler(10, seed=3, rank=r, world_size=3)) for r in range(3)]
     assert [len(p) for p in parts] == [4, 4, 4] and set(sum(parts, [])) == set(range(10))

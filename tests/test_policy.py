@@ -52,7 +52,7 @@ def test_online_steps_equal_the_batched_training_forward(runs, synth, name):
     policy = Policy.from_run(runs[name])
     vla, space = policy.vla, policy.action_space
     windows = WindowDataset(robovla.create("dataset", "calvin", {"path": str(synth)}), space, T, 3)
-    loader = make_loader(windows, 1, preprocess=Preprocess(image_size=vla.backbone.image_size, train=False),
+    loader = make_loader(windows, 1, preprocess=Preprocess.for_backbone(vla.backbone, train=False),
                          shuffle=False, num_workers=0, drop_last=False)
     batches = [b for _, b in zip(range(3), loader)]  # windows starting at frames 0, 1, 2 of the first segment
     with torch.no_grad():

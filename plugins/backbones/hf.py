@@ -45,6 +45,9 @@ class HFConfig(robovla.ComponentConfig):
     cameras: list[Literal["gripper", "static"]] = Field(
         ["gripper", "static"], min_length=1, description="cameras read, in sequence order (the recipe: gripper first)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    resize: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="how camera images are resized to the model's input size: bicubic (PIL's, as the "
+                               "model's own image processor and RoboVLMs resize) or bilinear (antialiased)")
 
 
 class PromptConfig(robovla.ComponentConfig):
@@ -127,10 +130,14 @@ class PromptedBackbone(robovla.Backbone):
     tokenizer: Any
 
     def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        if images.shape[1:3] != size and self.resize_filter == "bicubic":  # PIL's, on the CPU
+            from robovla.loader import resize
+
+            images = torch.from_numpy(resize(images.cpu().numpy(), self.image_size, "bicubic")).to(images.device)
         x = images.permute(0, 3, 1, 2).float().div_(255)  # [M, 3, H, W]
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+        if x.shape[-2:] != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
     def tokenize(self, instructions: list[str]) -> TextTokens:
@@ -156,6 +163,7 @@ class HFBackbone(PromptedBackbone):
 
         cls = getattr(transformers, self.model_class)
         self.cameras = tuple(config.cameras)
+        self.resize_filter = config.resize
         if config.size == "full" and config.weights == "pretrained":
             source = resolve(config.path)
             from transformers import AutoTokenizer
@@ -193,9 +201,10 @@ class HFBackbone(PromptedBackbone):
         known = checkpoints(self.family).get(self.config.path)
         if known:
             return known["mean"], known["std"]
-        file = Path(source) / "preprocessor_config.json"
-        if file.is_file():
-            data = json.loads(file.read_text())
+        for name in ("preprocessor_config.json", "processor_config.json"):  # the latter: transformers 5's processor
+            file = Path(source) / name
+            data = json.loads(file.read_text()) if file.is_file() else {}
+            data = data.get("image_processor", data)
             if "image_mean" in data and "image_std" in data:
                 return data["image_mean"], data["image_std"]
         return self.default_mean, self.default_std
