@@ -30,6 +30,7 @@ _LAZY = {
     "Env": "robovla.env", "Observation": "robovla.env", "Chain": "robovla.env",
     "Batch": "robovla.batch",
     "Policy": "robovla.policy", "Execution": "robovla.policy", "PolicyClient": "robovla.client",
+    "Converter": "robovla.convert", "Conversion": "robovla.convert",
 }
 
 __all__ = [
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from robovla.env import Chain, Env, Observation
     from robovla.head import Dims, PolicyHead, Prediction
     from robovla.client import PolicyClient
+    from robovla.convert import Conversion, Converter
     from robovla.policy import Execution, Policy
 
 

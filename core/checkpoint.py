@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from robovla import finetune
+from robovla.errors import RobovlaError
 
 CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json", "optimizer.pt", "model.safetensors"
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
@@ -107,6 +108,22 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     return commit(run_dir, step, tmp, state)
 
 
+def save_weights(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write a checkpoint of full weights and no optimizer state (a converted model),
+    atomically, and point ``last`` at it."""
+    from safetensors.torch import save_file
+
+    tmp = begin(run_dir, step)
+    seen: set[tuple[int, int]] = set()
+    tensors = {}
+    for name, t in weights.items():  # safetensors stores no two names over one memory
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[name] = t.contiguous() if key not in seen else t.clone().contiguous()
+        seen.add(key)
+    save_file(tensors, str(tmp / FULL), metadata={"format": "pt"})
+    return commit(run_dir, step, tmp, state)
+
+
 def clean(run_dir: Path) -> list[Path]:
     """Remove unfinished checkpoint folders left by a killed process; returns what was removed."""
     root = Path(run_dir) / CHECKPOINTS
@@ -135,5 +152,87 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     else:
         finetune.load_trainable(model, folder)
     if optimizer is not None:
+        if not (folder / OPTIMIZER).is_file():
+            raise RobovlaError(f"{folder} holds weights but no optimizer state (e.g. a converted checkpoint), so it "
+                               "cannot be resumed; start a new run from its weights with --train.init "
+                               f"{folder.parent.parent}")
         optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     return json.loads((folder / STATE).read_text())
+
+
+def refuse_sharded(folder: Path) -> None:
+    """Raise unless ``folder`` holds its weights in one process's files (not FSDP/DeepSpeed shards)."""
+    if (Path(folder) / SHARDED).exists():
+        raise RobovlaError(f"{folder} holds a sharded (FSDP/DeepSpeed) checkpoint; consolidate it into one file "
+                           "first (lightning's `fabric consolidate` for FSDP, `zero_to_fp32.py` for DeepSpeed), "
+                           "or load it in a Fabric session with the same strategy")
+
+
+def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
+    """A run folder (its ``last`` checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path).expanduser()
+    if (path / CHECKPOINTS).is_dir():
+        return last(path)
+    if (path / STATE).is_file():
+        return path
+    raise FileNotFoundError(f"{what} {path}: neither a run folder (with checkpoints/) nor a checkpoint folder "
+                            "(with state.json); give runs/<name> or runs/<name>/checkpoints/step-N")
+
+
+def checked_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """``weights`` checked against ``model``'s state_dict, every problem named at once: missing
+    and unexpected names, and shapes that differ. Names the model ties to one tensor (e.g. an
+    LM head and the embedding) need to be there once; the copy returned keeps one of them."""
+    expected = model.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault(id(tensor), []).append(name)
+    problems, kept = [], {}
+    missing = []
+    for names in groups.values():
+        present = [n for n in names if n in weights]
+        if not present:
+            missing.append(names[0])
+            continue
+        first = weights[present[0]]
+        shape = tuple(expected[names[0]].shape)
+        if tuple(first.shape) != shape:
+            problems.append(f"{present[0]}: shape {list(first.shape)} in {where}, the model's is {list(shape)}")
+        problems += [f"{n}: differs from {present[0]}, a tensor the model ties to it" for n in present[1:]
+                     if weights[n].shape != first.shape or not torch.equal(weights[n], first)]
+        kept[present[0]] = first
+    unexpected = sorted(set(weights) - set(expected))
+    for label, names in (("missing", missing), ("not in the model", unexpected)):
+        if names:
+            shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+            problems.append(f"{len(names)} {label}: {shown}")
+    if problems:
+        raise RobovlaError(f"{where} does not fit the model ({len(problems)} problem{'s' * (len(problems) != 1)}):\n"
+                           + "\n".join(f"  {p}" for p in problems))
+    return kept
+
+
+def init_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Load the weights of a run or checkpoint folder into ``model`` (``--train.init``); a LoRA
+    checkpoint is rebuilt from its run's config and merged first. Returns the checkpoint folder."""
+    from safetensors.torch import load_file
+
+    folder = checkpoint_folder(path)
+    refuse_sharded(folder)
+    if (folder / FULL).is_file():
+        state = load_file(folder / FULL)
+    else:
+        from robovla import config as cfg
+        from robovla.vla import build
+
+        config_file = folder.parent.parent / "config.toml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"--train.init {path}: a LoRA checkpoint is read with its run's config.toml, and "
+                                    f"{config_file} is missing")
+        with torch.random.fork_rng(devices=[]):
+            source = build(cfg.resolve(cfg.NONE, config_file, []), init=False)
+        load(folder, source)
+        finetune.merge_lora(source)
+        state = source.state_dict()
+    model.load_state_dict(checked_state(model, state, f"--train.init {folder}"), strict=False)
+    return folder

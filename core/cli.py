@@ -7,6 +7,7 @@
     robo-run data ...                     check, describe, synthesize and cache datasets
     robo-run eval --run RUN_DIR ...       offline metrics and closed-loop evaluation of a run
     robo-run serve --run RUN_DIR ...      a policy server for a run (HTTP, numpy payloads)
+    robo-run convert SOURCE CKPT ...      another framework's checkpoint as a run folder
 
 Nothing here imports torch: commands import what they need when they run.
 """
@@ -235,6 +236,12 @@ def cmd_eval(argv: list[str]) -> int:
     return evaluation.main(argv)
 
 
+def cmd_convert(argv: list[str]) -> int:
+    from robovla import convert
+
+    return convert.main(argv)
+
+
 def cmd_serve(argv: list[str]) -> int:
     from robovla import server
 
@@ -249,6 +256,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "data": (cmd_data, "check datasets and compute their statistics (check, stats)"),
     "eval": (cmd_eval, "evaluate a run: offline metrics, closed loop (CALVIN long-horizon protocol)"),
     "serve": (cmd_serve, "serve a run's policy over HTTP (numpy payloads, one state per session)"),
+    "convert": (cmd_convert, "convert another framework's checkpoint (e.g. RoboVLMs) into a run folder"),
 }
 
 

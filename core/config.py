@@ -65,6 +65,9 @@ class TrainConfig(ComponentConfig):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     max_minutes: float | None = Field(None, gt=0, description="also stop when training has run this long "
                                                              "(wall clock, not counting setup and evaluation)")
+    init: str | None = Field(None, description="start from the weights of this run folder or checkpoint folder "
+                                               "(RUN_DIR or RUN_DIR/checkpoints/step-N; a converted checkpoint too), "
+                                               "with a fresh optimizer and schedule; none: the backbone's own weights")
     lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to norms, biases and [LRN]")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate shape after warmup")
@@ -384,6 +387,11 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         layers.append((f"preset {preset}", registry_file.preset(preset)))
     if config_file is not None:
         layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file))))
+    return compose(layers, flags)
+
+
+def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = ()) -> RunConfig:
+    """``layers`` (later wins), then command-line ``flags`` on top, into a validated :class:`RunConfig`."""
     choices = {k.replace("-", "_"): {"name": v} for k, v in flags if "." not in k and v is not None}
     models, _ = component_models(merge(layers + [("command line", choices)])[0])
     layer, problems = cli_layer(list(flags), models)

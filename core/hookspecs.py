@@ -79,3 +79,16 @@ def register_envs(register):
 
     Use in plugins: the names become ``robo-run eval --env NAME``.
     """
+
+
+@hookspec
+def register_converters(register):
+    """Register converters of other frameworks' checkpoints (``robo-run convert NAME ...``).
+
+    :param register: ``register(name, component)``; ``component`` is a subclass of
+        :class:`robovla.Converter` or its ``"module:Class"`` reference.
+    :return: nothing; call ``register`` once per source framework.
+
+    Use in plugins: keep a converter beside the backbones whose weights it maps; the core
+    reads the checkpoint file, checks every tensor against the model and writes the run.
+    """

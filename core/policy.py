@@ -188,13 +188,10 @@ class Policy:
                 names = sorted(p.name for p in (run_dir / ckpt.CHECKPOINTS).glob("step-*"))
                 raise FileNotFoundError(f"checkpoint {checkpoint!r}: neither a folder nor one of {run_dir}'s "
                                         f"checkpoints {names}")
-        if (folder / ckpt.SHARDED).exists():
-            raise RobovlaError(f"{folder} holds a sharded (FSDP/DeepSpeed) checkpoint; consolidate it into one file "
-                               "first (lightning's `fabric consolidate` for FSDP, `zero_to_fp32.py` for DeepSpeed), "
-                               "or load it in a Fabric session with the same strategy")
+        ckpt.refuse_sharded(folder)
         run = cfg.resolve(cfg.NONE, config_file, [])
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
-            vla = build(run)
+            vla = build(run, init=False)  # the checkpoint holds every weight
         state = ckpt.load(folder, vla)
         space = create("action_space", run.action_space.name, run.action_space.config)
         space.load_state_dict(json.loads(stats_file.read_text()))

@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "action_space": ("register_action_spaces", "robovla.action_space:ActionSpace", "--action-space"),
     "dataset": ("register_datasets", "robovla.dataset:Dataset", "--dataset"),
     "env": ("register_envs", "robovla.env:Env", "--env"),
+    "converter": ("register_converters", "robovla.convert:Converter", "robo-run convert"),
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

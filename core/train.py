@@ -253,7 +253,7 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
             (run_dir / "config.toml").write_text(config_text)
     fabric.barrier()
 
-    vla = build_vla(run)
+    vla = build_vla(run, init=not resuming)  # a resumed run's checkpoint holds every weight
     if fabric.is_global_zero:
         fabric.print("\n".join(robovla.finetune.summary(vla)))
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)

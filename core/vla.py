@@ -136,12 +136,13 @@ class VLA(nn.Module):
         return self.head.loss(self(batch), batch.actions.to(self.lrn.device), batch.action_mask.to(self.lrn.device))
 
 
-def build(run: RunConfig) -> VLA:
+def build(run: RunConfig, init: bool = True) -> VLA:
     """The VLA a run configuration describes: its backbone, a head sized to it, K [LRN] tokens,
-    and the fine-tuning setup (freezing, LoRA adapters). Seeded by ``--train.seed``, so that
-    every process of a run builds the same initial weights."""
+    the weights of ``--train.init`` when ``init`` (before any adapter goes in), and the
+    fine-tuning setup (freezing, LoRA adapters). Seeded by ``--train.seed``, so that every
+    process of a run builds the same initial weights."""
     import robovla
-    from robovla import finetune
+    from robovla import checkpoint, finetune
     from robovla.head import Dims
 
     t = run.train
@@ -150,5 +151,7 @@ def build(run: RunConfig) -> VLA:
     dims = Dims(D=backbone.hidden_size, K=t.lrn_tokens, T=t.window, C=t.chunk)
     head = robovla.create("head", run.head.name, run.head.config, dims=dims)
     vla = VLA(backbone, head, lrn_tokens=t.lrn_tokens, ablate=t.ablate)
+    if init and t.init is not None:
+        checkpoint.init_weights(vla, t.init)
     finetune.setup(vla, t, run.lora)
     return vla

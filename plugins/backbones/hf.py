@@ -170,7 +170,13 @@ class HFBackbone(PromptedBackbone):
 
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(source)
-                self.model = cls.from_pretrained(source, attn_implementation=config.attn_implementation)
+                if torch.get_default_device().type == "meta":  # a skeleton: names and shapes, no weights read
+                    from transformers import AutoConfig
+
+                    self.model = cls._from_config(AutoConfig.from_pretrained(source),
+                                                  attn_implementation=config.attn_implementation)
+                else:
+                    self.model = cls.from_pretrained(source, attn_implementation=config.attn_implementation)
             except OSError as exc:
                 raise BackboneLoadError(f"--backbone.path {config.path}: cannot load {self.model_class} and its "
                                         f"tokenizer ({exc})") from None
