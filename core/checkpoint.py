@@ -38,6 +38,10 @@ CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json",
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
 
 
+class CheckpointError(RobovlaError, FileNotFoundError):
+    """A folder is not the checkpoint a command needs; the message says what it lacks."""
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -137,7 +141,7 @@ def last(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run folder, or a clear error."""
     link = Path(run_dir) / CHECKPOINTS / LAST
     if not link.exists():
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
+        raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
                                 "or this is not a run folder")
     return link.resolve()
 
@@ -152,12 +156,18 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     else:
         finetune.load_trainable(model, folder)
     if optimizer is not None:
-        if not (folder / OPTIMIZER).is_file():
-            raise RobovlaError(f"{folder} holds weights but no optimizer state (e.g. a converted checkpoint), so it "
-                               "cannot be resumed; start a new run from its weights with --train.init "
-                               f"{folder.parent.parent}")
         optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     return json.loads((folder / STATE).read_text())
+
+
+def resumable(run_dir: Path) -> Path:
+    """The checkpoint ``--resume`` continues from, or a clear error when it cannot."""
+    folder = last(run_dir)
+    if not (folder / OPTIMIZER).is_file() and not (folder / SHARDED).exists():
+        raise CheckpointError(f"{folder} holds weights but no optimizer state (e.g. a converted checkpoint), so "
+                              f"there is nothing to resume; start a new run from its weights with --train.init "
+                              f"{run_dir}")
+    return folder
 
 
 def refuse_sharded(folder: Path) -> None:
@@ -175,7 +185,7 @@ def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
         return last(path)
     if (path / STATE).is_file():
         return path
-    raise FileNotFoundError(f"{what} {path}: neither a run folder (with checkpoints/) nor a checkpoint folder "
+    raise CheckpointError(f"{what} {path}: neither a run folder (with checkpoints/) nor a checkpoint folder "
                             "(with state.json); give runs/<name> or runs/<name>/checkpoints/step-N")
 
 
@@ -187,28 +197,27 @@ def checked_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], wher
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         groups.setdefault(id(tensor), []).append(name)
-    problems, kept = [], {}
-    missing = []
+    kept: dict[str, torch.Tensor] = {}
+    found: dict[str, list[str]] = {"shapes differ": [], "missing": [], "not in the model": [], "tied copies differ": []}
     for names in groups.values():
         present = [n for n in names if n in weights]
         if not present:
-            missing.append(names[0])
+            found["missing"].append(names[0])
             continue
-        first = weights[present[0]]
-        shape = tuple(expected[names[0]].shape)
-        if tuple(first.shape) != shape:
-            problems.append(f"{present[0]}: shape {list(first.shape)} in {where}, the model's is {list(shape)}")
-        problems += [f"{n}: differs from {present[0]}, a tensor the model ties to it" for n in present[1:]
-                     if weights[n].shape != first.shape or not torch.equal(weights[n], first)]
+        first, shape = weights[present[0]], list(expected[names[0]].shape)
+        if list(first.shape) != shape:
+            found["shapes differ"].append(f"{present[0]} {list(first.shape)}, the model's {shape}")
+        found["tied copies differ"] += [f"{n} and {present[0]}" for n in present[1:]
+                                        if weights[n].shape != first.shape or not torch.equal(weights[n], first)]
         kept[present[0]] = first
-    unexpected = sorted(set(weights) - set(expected))
-    for label, names in (("missing", missing), ("not in the model", unexpected)):
-        if names:
-            shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
-            problems.append(f"{len(names)} {label}: {shown}")
-    if problems:
-        raise RobovlaError(f"{where} does not fit the model ({len(problems)} problem{'s' * (len(problems) != 1)}):\n"
-                           + "\n".join(f"  {p}" for p in problems))
+    found["not in the model"] = sorted(set(weights) - set(expected))
+    lines = []
+    for label, items in found.items():
+        if items:
+            lines.append(f"  {label} ({len(items)}): " + "".join(f"\n    {i}" for i in items[:10])
+                         + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""))
+    if lines:
+        raise RobovlaError(f"{where} does not fit the model:\n" + "\n".join(lines))
     return kept
 
 
@@ -227,7 +236,7 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> Path:
 
         config_file = folder.parent.parent / "config.toml"
         if not config_file.is_file():
-            raise FileNotFoundError(f"--train.init {path}: a LoRA checkpoint is read with its run's config.toml, and "
+            raise CheckpointError(f"--train.init {path}: a LoRA checkpoint is read with its run's config.toml, and "
                                     f"{config_file} is missing")
         with torch.random.fork_rng(devices=[]):
             source = build(cfg.resolve(cfg.NONE, config_file, []), init=False)

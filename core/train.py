@@ -220,6 +220,8 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     from lightning_fabric import Fabric
 
     f = run.fabric
+    if resume is not None:
+        checkpoint.resumable(resume)  # before any process starts: a converted run has no optimizer state
     run_dir = Path(resume) if resume is not None else run_dir_for(run)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder

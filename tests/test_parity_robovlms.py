@@ -29,11 +29,14 @@ import torch
 from safetensors.torch import load_file
 
 import robovla
+from robovla.cli import main
 from robovla.convert import convert
 from robovla.dataset import Frames, Segment
 from robovla.env import Observation
 from robovla.windows import frames_needed, make_window
 from robovla_plugins.backbones.robovlms import FAMILIES, HEAD_RULES, rename
+
+from helpers import synth_split, train_tiny
 
 FIXTURES = {"kosmos": "robovlms-kosmos-lstm", "paligemma": "robovlms-paligemma-lstm"}
 CASES = {"kosmos": ("equal", "hand", "unequal"), "paligemma": ("equal", "hand")}
@@ -199,12 +202,11 @@ def test_gradients_of_the_weighted_loss(converted, family):
         assert relative <= GRADIENT, f"gradient of {name}: relative error {relative:.3g} > {GRADIENT:g}"
 
 
-def test_online_steps_through_the_policy(converted):
-    folder = fixture_dir("kosmos")
-    data = np.load(folder / "step.npz")
-    policy = robovla.Policy.from_run(converted("kosmos", "step"))
+def assert_steps_like_robovlms(run_dir: Path) -> None:
+    """step.npz's six online steps through Policy.from_run(run_dir): [LRN] states, chunks, commands."""
+    data = np.load(fixture_dir("kosmos") / "step.npz")
+    policy, commands = robovla.Policy.from_run(run_dir), robovla.Policy.from_run(run_dir)
     instructions = list(data["instructions"])
-    commands = robovla.Policy.from_run(converted("kosmos", "step"))
     for n in range(data["images_static"].shape[1]):  # steps 5 and 6: the window slides past T = 4
         obs = [Observation(images={"static": data["images_static"][b, n]}, robot_obs=np.zeros(15)) for b in range(2)]
         with torch.no_grad():
@@ -217,6 +219,28 @@ def test_online_steps_through_the_policy(converted):
         # the command: RoboVLMs unnormalizes the first action (x 0.65) and opens when sigmoid > 0.5
         expected = np.concatenate([0.65 * data["arm"][:, n, 0], np.where(p_open[:, :1] > 0.5, 1.0, -1.0)], -1)
         close(commands.act_batch(obs, instructions, keys=[0, 1]), expected, ACTIONS, f"step {n + 1}: command")
+
+
+def test_online_steps_through_the_policy(converted):
+    assert_steps_like_robovlms(converted("kosmos", "step"))
+
+
+def test_robo_run_convert_then_policy_steps_and_fine_tuning(tmp_path, capsys):
+    """The command line as a RoboVLMs user types it; the window comes as a flag (no RoboVLMs
+    config ships with the fixture, and the recipe's window is 8)."""
+    folder = fixture_dir("kosmos")
+    run_dir = tmp_path / "converted"
+    assert main(["convert", "robovlms", str(folder / "weights.safetensors"), "--base", str(folder / "hf"),
+                 "--out", str(run_dir), "--train.window", "4"]) == 0
+    assert f"converted 126 tensors (1,730,901 values) of {folder / 'weights.safetensors'}" in capsys.readouterr().out
+    assert_steps_like_robovlms(run_dir)
+    training = synth_split(tmp_path / "data")
+    tuned = train_tiny(tmp_path, "tuned", training, "--config", str(run_dir / "config.toml"),
+                       "--train.init", str(run_dir), "--train.log_every", "1", steps=3)
+    rows = [r.split(",") for r in (tuned / "metrics.csv").read_text().splitlines()[1:]]
+    losses = [float(v) for step, split, key, v in rows if split == "train" and key == "loss"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
+    assert (tuned / "checkpoints" / "step-000003" / "model.safetensors").is_file()
 
 
 def test_padded_sample_equals_itself_alone_a_deliberate_departure(converted):

@@ -89,7 +89,7 @@ class RoboVLMs(robovla.Converter):
             else:
                 mapped[new] = tensor
         if unmapped:
-            raise ConvertError(f"{len(unmapped)} RoboVLMs tensors have no robovla counterpart: "
+            raise ConvertError(f"RoboVLMs tensors without a robovla counterpart ({len(unmapped)}): "
                                f"{', '.join(sorted(unmapped)[:12])}{' ...' if len(unmapped) > 12 else ''}. The "
                                "converter maps the backbone, action_token and the LSTMDecoder head (act_head.rnn, "
                                "act_head.actions.mlp, act_head.gripper.mlp); vision resamplers and other heads are "
