@@ -153,7 +153,7 @@ class Policy:
         self.info = dict(info or {})
         self.cameras: tuple[str, ...] = tuple(vla.backbone.cameras)
         self.image_size: int | None = getattr(vla.backbone, "image_size", None)
-        self.resize_filter: str = vla.backbone.resize_filter
+        self.resize_filter: str = getattr(vla.backbone, "resize_filter", "bilinear")
         self.has_history = bool(getattr(vla.head, "history_attributes", ()))
         self.episodes: dict[Hashable, _Episode] = {}
         vla.eval()
