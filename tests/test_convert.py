@@ -196,6 +196,11 @@ def test_fine_tuning_starts_from_a_converted_run_and_reports_mismatches(tiny_vla
         start = build(run).eval()  # what training starts from: the converted weights
     same_outputs(run_dir, start)
     training = synth_split(tmp_path / "data")
+    assert main(["eval", "--run", str(run_dir), "--split", str(training.parent / "validation"), "--batches", "2",
+                 "--env", "synthetic", "--protocol", "episodes", "--episodes", "2", "--no-progress"]) == 0
+    offline = json.loads((run_dir / "eval" / "step-000000" / "offline.json").read_text())
+    episodes = json.loads((run_dir / "eval" / "step-000000" / "episodes.json").read_text())
+    assert offline["windows"] > 0 and episodes["episodes"] == 2  # evaluated like any run
     tuned = train_tiny(tmp_path, "tuned", training, "--config", str(run_dir / "config.toml"),
                        "--train.init", str(run_dir), steps=3)
     assert robovla.config.resolve("none", tuned / "config.toml", []).train.init == str(run_dir)
