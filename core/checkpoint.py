@@ -142,7 +142,7 @@ def last(run_dir: Path) -> Path:
     link = Path(run_dir) / CHECKPOINTS / LAST
     if not link.exists():
         raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
-                                "or this is not a run folder")
+                              "or this is not a run folder")
     return link.resolve()
 
 
@@ -186,7 +186,7 @@ def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
     if (path / STATE).is_file():
         return path
     raise CheckpointError(f"{what} {path}: neither a run folder (with checkpoints/) nor a checkpoint folder "
-                            "(with state.json); give runs/<name> or runs/<name>/checkpoints/step-N")
+                          "(with state.json); give runs/<name> or runs/<name>/checkpoints/step-N")
 
 
 def checked_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
@@ -237,7 +237,7 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> Path:
         config_file = folder.parent.parent / "config.toml"
         if not config_file.is_file():
             raise CheckpointError(f"--train.init {path}: a LoRA checkpoint is read with its run's config.toml, and "
-                                    f"{config_file} is missing")
+                                  f"{config_file} is missing")
         with torch.random.fork_rng(devices=[]):
             source = build(cfg.resolve(cfg.NONE, config_file, []), init=False)
         load(folder, source)

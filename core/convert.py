@@ -119,7 +119,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
         break
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)} if isinstance(data, dict) else {}
     if not tensors:
-        keys = sorted(data)[:10] if isinstance(data, dict) else type(data).__name__
+        keys = list(data)[:10] if isinstance(data, dict) else type(data).__name__
         raise ConvertError(f"{path}: no tensors found (top-level keys: {keys}); expected a state_dict, or a "
                            "checkpoint holding one under state_dict or model_state_dict")
     for prefix in ("module.", "_forward_module."):
@@ -198,8 +198,12 @@ def main(argv: list[str]) -> int:
     from robovla.registry import registry
 
     names = [c.name for c in registry().components if c.kind == "converter" and c.error is None]
-    p = argparse.ArgumentParser(prog="robo-run convert", allow_abbrev=False, description="Convert another framework's checkpoint into "
-                                "a robovla run folder (evaluate, serve or fine-tune it like any run).")
+    p = argparse.ArgumentParser(
+        prog="robo-run convert", allow_abbrev=False,
+        description="Convert another framework's checkpoint into a robovla run folder (evaluate, serve or fine-tune "
+                    "it like any run).",
+        epilog="Run flags given after these (e.g. --train.window 4 --backbone.cameras gripper,static) override what "
+               "the checkpoint and its config say, as in `robo-run train`.")
     p.add_argument("source", help=f"the framework that wrote the checkpoint: {', '.join(names) or '(none installed)'}")
     p.add_argument("checkpoint", help="the checkpoint file (.safetensors, .ckpt, .pt, .pth, .bin)")
     p.add_argument("--base", required=True, help="the base VLM the checkpoint was fine-tuned from: a Hugging Face "
@@ -207,8 +211,6 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="the run folder to write (new, or an empty folder)")
     p.add_argument("--config", default=None, help="the source framework's config of the run (JSON): window, "
                    "chunk, cameras and normalization are read from it; without it they are the recipe's")
-    p.epilog = ("Run flags given after these (e.g. --train.window 4 --backbone.cameras gripper,static) override "
-                "what the checkpoint and its config say, as in `robo-run train`.")
     args, rest = p.parse_known_args(argv)
     _, flags, _ = parse_run_args(rest)
     convert(args.source, args.checkpoint, args.base, args.out, args.config, flags)

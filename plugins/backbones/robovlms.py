@@ -186,7 +186,8 @@ def head_config(weights: dict[str, Any], config: dict[str, Any], notes: list[str
 
 def mlp_widths(weights: dict[str, Any], prefix: str) -> list[int]:
     """Output widths of an nn.Sequential's Linear layers, in order."""
-    index = sorted(int(k[len(prefix):].split(".")[0]) for k in weights if k.startswith(prefix) and k.endswith(".weight"))
+    index = sorted(int(k[len(prefix):].split(".")[0]) for k in weights
+                   if k.startswith(prefix) and k.endswith(".weight"))
     if not index:
         raise ConvertError(f"no {prefix.replace('head.arm_mlp.', 'act_head.actions.mlp.')}* tensors")
     return [int(weights[f"{prefix}{i}.weight"].shape[0]) for i in index]
