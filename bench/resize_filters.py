@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from robovla.loader import RESIZE_FILTERS, resize
-from robovla_plugins.datasets.calvin_synth import make_scene, observe
+from robovla_plugins.datasets.calvin.synthetic import make_scene, observe
 
 CLIP_STD = 0.26130258  # the smallest of CLIP's three stds: the largest step in normalised units
 

@@ -154,5 +154,5 @@ class FakeCalvinEnv:
 
 def get_env(dataset_path: Any, obs_space: dict | None = None, show_gui: bool = True, use_egl: bool = False,
             **kwargs: Any) -> FakeCalvinEnv:
-    """Like calvin_env.envs.play_table_env.get_env, plus use_egl (see calvin_sim.make_calvin_env)."""
+    """Like calvin_env.envs.play_table_env.get_env, plus use_egl (see calvin.sim.make_calvin_env)."""
     return FakeCalvinEnv(dataset_path, obs_space, show_gui, use_egl)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import robovla
+from robovla.batch import ROBOT_OBS_DIM
 from robovla.stats import RunningStats
-from robovla_plugins.datasets.calvin_actions import (ORN_STEP, euler_to_matrix, matrix_to_euler, tcp_to_world,
+from robovla_plugins.datasets.calvin.actions import (ORN_STEP, euler_to_matrix, matrix_to_euler, tcp_to_world,
                                                       world_to_tcp, wrap)
 
 
@@ -23,7 +24,7 @@ def reference_matrix(euler) -> np.ndarray:
 
 
 def random_poses(n: int, rng) -> np.ndarray:
-    obs = np.zeros((n, 15))
+    obs = np.zeros((n, ROBOT_OBS_DIM))
     obs[:, :3] = rng.uniform(-0.5, 0.5, (n, 3))
     obs[:, 3] = rng.choice([np.pi - 1e-3, -np.pi + 1e-3, 3.09, -3.12], n) + rng.uniform(-0.05, 0.05, n)
     obs[:, 3] = wrap(np.where(rng.random(n) < 0.3, rng.uniform(-np.pi, np.pi, n), obs[:, 3]))
@@ -98,7 +99,7 @@ def test_abs_world_reads_absolute_poses_with_min_max():
     space = robovla.create("action_space", "abs-world")
     assert space.source == "actions" and space.config.normalization == "minmax"
     poses = np.array([[0.1, -0.2, 0.5, 3.0, 0.0, 1.5, 1.0], [0.3, 0.2, 0.6, 3.1, 0.1, 1.6, -1.0]])
-    space.fit([(poses, np.zeros((2, 15)))])
+    space.fit([(poses, np.zeros((2, ROBOT_OBS_DIM)))])
     enc = space.encode(poses, None)
     np.testing.assert_allclose(enc[:, :6], [[-1] * 6, [1] * 6], atol=1e-6)
     np.testing.assert_allclose(space.decode(enc, None), poses, atol=1e-6)
@@ -117,7 +118,7 @@ def test_running_stats_reservoir_keeps_quantiles_close_on_large_streams():
 
 
 def test_tcp_round_trip_past_gimbal_lock_picks_the_nearer_euler_form():
-    obs = np.zeros(15)
+    obs = np.zeros(ROBOT_OBS_DIM)
     obs[3:6] = [3.0, 1.55, 1.5]  # pitch + 0.05 * dpitch crosses pi/2
     rel = np.array([0, 0, 0, 0, 1, 0, 1.0])
     np.testing.assert_allclose(tcp_to_world(world_to_tcp(rel, obs), obs), rel, atol=1e-6)
@@ -129,7 +130,7 @@ def test_abs_world_keeps_a_roll_near_pi_in_one_piece():
     poses = np.stack([rng.uniform(-0.2, 0.2, 500), rng.uniform(-0.2, 0.2, 500), np.full(500, 0.5), roll,
                       np.zeros(500), np.full(500, 1.5), np.ones(500)], axis=1)
     space = robovla.create("action_space", "abs-world")
-    space.fit([(poses, np.zeros((500, 15)))])
+    space.fit([(poses, np.zeros((500, ROBOT_OBS_DIM)))])
     enc = space.encode(poses, None)
     decoded = space.decode(enc.mean(0, keepdims=True), None)[0]
     assert abs(wrap(decoded[3] - np.pi)) < 0.05  # the mean target is still a roll near pi

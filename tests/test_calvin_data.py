@@ -5,7 +5,8 @@ import pytest
 
 import robovla
 from robovla import windows
-from robovla_plugins.datasets.calvin import CalvinDataError
+from robovla.batch import ROBOT_OBS_DIM
+from robovla_plugins.datasets.calvin.dataset import CalvinDataError
 
 from calvin_files import FIRST, rel_action, write_split
 
@@ -28,7 +29,7 @@ def test_reads_segments_frames_and_keys_as_stored(split):
     assert frames.images["static"].shape == (3, 200, 200, 3) and frames.images["static"].dtype == np.uint8
     assert frames.images["gripper"].shape == (3, 84, 84, 3)
     assert frames.images["static"][1, 0, 0, 0] == (A + 1) % 256  # frame ids are global
-    assert frames.robot_obs.shape == (3, 15) and frames.robot_obs.dtype == np.float64
+    assert frames.robot_obs.shape == (3, ROBOT_OBS_DIM) and frames.robot_obs.dtype == np.float64
     assert set(frames.actions) == {"rel_actions", "actions"}
     np.testing.assert_array_equal(frames.actions["rel_actions"][2], rel_action(A + 2))
     only = robovla.create("dataset", "calvin", {"path": split, "cameras": ["gripper"], "action_keys": ["actions"],

@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from robovla_plugins.datasets import calvin_protocol as cp
-from robovla_plugins.datasets.calvin_protocol import task_achieved
+from robovla.batch import ROBOT_OBS_DIM
+from robovla_plugins.datasets.calvin import protocol as cp
+from robovla_plugins.datasets.calvin.protocol import task_achieved
 
 from fake_calvin import BLOCKS, LINKS, ROBOT, TABLE, block, make_info, yaw_quaternion
 
@@ -79,7 +80,7 @@ def test_initial_scene_obs_and_robot_obs():
     both = {**EXAMPLE, "red_block": "table", "pink_block": "slider_left"}
     obs = cp.initial_scene_obs(both)  # red and blue take the two table spots, one each
     assert {tuple(np.round(obs[6:9], 3)), tuple(np.round(obs[12:15], 3))} == {(0.05, -0.12, 0.46), (0.23, -0.12, 0.46)}
-    assert cp.NEUTRAL_ROBOT_OBS.shape == (15,) and cp.NEUTRAL_ROBOT_OBS[14] == 1
+    assert cp.NEUTRAL_ROBOT_OBS.shape == (ROBOT_OBS_DIM,) and cp.NEUTRAL_ROBOT_OBS[14] == 1
     with pytest.raises(ValueError, match=r"missing key 'led'.*red_block='shelf'"):
         cp.initial_scene_obs({**{k: v for k, v in EXAMPLE.items() if k != "led"}, "red_block": "shelf"})
 

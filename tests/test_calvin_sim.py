@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import robovla
-from robovla_plugins.datasets import calvin_protocol as cp
-from robovla_plugins.datasets.calvin_sim import CalvinSimError
+from robovla_plugins.datasets.calvin import protocol as cp
+from robovla_plugins.datasets.calvin.sim import CalvinSimError
 
 from fake_calvin import BUTTON, DRAWER_HANDLE, SLIDE_HANDLE
 

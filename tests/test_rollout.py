@@ -19,7 +19,7 @@ from robovla.config import ComponentConfig
 from robovla.policy import Policy
 from robovla.rollout import chart, evaluate, long_horizon, table
 from robovla.vla import VLA
-from robovla_plugins.datasets.calvin_synth import COLOURS, TABLE, SyntheticReach, expert
+from robovla_plugins.datasets.calvin.synthetic import COLOURS, TABLE, SyntheticReach, expert
 
 
 class ScriptedHead:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import robovla
+from robovla.batch import ROBOT_OBS_DIM
 from robovla.cli import main
-from robovla_plugins.datasets.calvin_synth import COLOURS, expert, make_scene
+from robovla_plugins.datasets.calvin.synthetic import COLOURS, expert, make_scene
 
 from calvin_files import FIRST
 
@@ -76,7 +77,7 @@ def test_env_checks_commands_and_tasks():
     env = robovla.create("env", "synthetic")
     obs = env.reset(3)
     assert obs.images["static"].shape == (200, 200, 3) and obs.images["gripper"].shape == (84, 84, 3)
-    assert obs.robot_obs.shape == (15,) and len(env.tasks) == 3
+    assert obs.robot_obs.shape == (ROBOT_OBS_DIM,) and len(env.tasks) == 3
     missing = next(f"reach_{c}_block" for c in COLOURS if c not in make_scene(1, 3).colours)
     with pytest.raises(ValueError, match="not feasible in this scene"):
         env.start_task(missing)

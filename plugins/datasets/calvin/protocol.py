@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from robovla.errors import unknown
-from robovla_plugins.datasets.calvin_actions import matrix_to_euler
+from robovla_plugins.datasets.calvin.actions import matrix_to_euler
 
 COLOURS = ("red", "blue", "pink")
 SIDES = ("right", "left")

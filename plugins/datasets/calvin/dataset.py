@@ -1,4 +1,4 @@
-"""CALVIN: the ``calvin`` dataset reader and the CALVIN action spaces, as one plugin.
+"""The ``calvin`` dataset: one CALVIN split folder, read exactly as CALVIN stores it.
 
 A split folder (``training/`` or ``validation/`` of task_D_D, task_ABC_D, task_ABCD_D or
 calvin_debug_dataset) holds one ``episode_%07d.npz`` per 30 Hz frame, named by global frame
@@ -20,34 +20,15 @@ import numpy as np
 from pydantic import Field
 
 import robovla
+from robovla.batch import ROBOT_OBS_DIM
 from robovla.dataset import Frames, Problem, Segment
-from robovla_plugins.datasets.calvin_actions import AbsWorld, RelTcp, RelWorld
-from robovla_plugins.datasets.calvin_sim import CalvinSim
-from robovla_plugins.datasets.calvin_synth import SyntheticReach, write_task
+from robovla_plugins.datasets.calvin.synthetic import write_task
 
 CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
-SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (15,), "actions": (7,),
+SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (ROBOT_OBS_DIM,), "actions": (7,),
           "rel_actions": (7,)}
 ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
 SCENES = "scene_info.npy"
-
-
-@robovla.hookimpl
-def register_datasets(register):
-    register("calvin", CalvinDataset)
-
-
-@robovla.hookimpl
-def register_envs(register):
-    register("synthetic", SyntheticReach)
-    register("calvin", CalvinSim)
-
-
-@robovla.hookimpl
-def register_action_spaces(register):
-    register("rel-world", RelWorld)
-    register("rel-tcp", RelTcp)
-    register("abs-world", AbsWorld)
 
 
 class CalvinDataError(robovla.RobovlaError, ValueError):

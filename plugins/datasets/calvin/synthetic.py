@@ -24,7 +24,7 @@ from pydantic import Field
 
 import robovla
 from robovla.env import Chain, Observation
-from robovla_plugins.datasets.calvin_actions import POS_STEP
+from robovla_plugins.datasets.calvin.actions import POS_STEP
 
 TABLE = 0.25  # half-width of the table, metres
 BLOCK = 0.05  # block side, metres

@@ -23,7 +23,7 @@ from pydantic import Field
 import robovla
 from robovla.env import Chain, Observation
 from robovla.errors import unknown
-from robovla_plugins.datasets.calvin_protocol import (NEUTRAL_ROBOT_OBS, NUM_SEQUENCES, TASKS, VALIDATION_INSTRUCTIONS,
+from robovla_plugins.datasets.calvin.protocol import (NEUTRAL_ROBOT_OBS, NUM_SEQUENCES, TASKS, VALIDATION_INSTRUCTIONS,
                                                       apply, check_state, initial_scene_obs, initial_states, sequences,
                                                       task_achieved)
 
