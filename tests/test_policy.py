@@ -3,6 +3,7 @@ to the batched training forward on the same frames; batched episodes, execution 
 and input validation."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from robovla import checkpoint
 from robovla.env import Observation
 from robovla.loader import Preprocess, make_loader
 from robovla.policy import Execution, ObservationError, Policy
+from robovla.vla import VLA
 from robovla.windows import WindowDataset
 
 from helpers import TINY_CNN_LSTM, clean_env, synth_split, train_tiny
@@ -157,6 +159,49 @@ def test_execution_policies(runs, synth):
     for bad in ("chunk", "chunk:0", "ensemble:-1", "last", "first:2"):
         with pytest.raises(ValueError, match="first, chunk:K|at least 1|decay must be"):
             Execution.parse(bad)
+
+
+def reads_past_frames(head):
+    """Whether a head's step depends on the frames stepped before: frame 3 after frames 1
+    and 2, against frame 3 right after a reset."""
+    d = head.dims
+    frames = torch.randn(3, 2, 1, d.K, d.D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.reset()
+        after = [head.step(f) for f in frames][-1]
+        head.reset()
+        alone = head.step(frames[-1])
+    return any(not torch.allclose(after[k], alone[k]) for k in alone)
+
+
+@pytest.mark.parametrize("name", robovla.list_components("head"))
+def test_chunk_execution_runs_the_vlm_as_often_as_the_head_needs(name):
+    """Under chunk:K the VLM runs at every step for a head whose steps read past frames, and
+    once per K steps for a head that reads each frame alone (the policy module's promise);
+    a head declares a history (history_attributes) exactly when its steps read the past."""
+    backbone_cls = robovla.get_component("backbone", "cnn-pool").load()
+    torch.manual_seed(0)
+    backbone = backbone_cls(backbone_cls.Config.model_validate(backbone_cls.test_config))
+    head = robovla.create("head", name, robovla.get_component("head", name).load().tiny_config,
+                          dims=robovla.Dims(D=backbone.hidden_size, T=3, C=4))
+    history = reads_past_frames(head)
+    calls = []
+    run_lm = backbone.forward_embeddings
+    backbone.forward_embeddings = lambda *args, **kwargs: calls.append(1) or run_lm(*args, **kwargs)
+    k, steps = 3, 7
+    policy = Policy(VLA(backbone, head), robovla.create("action_space", "rel-world", {"clip_bound": 1.0}),
+                    execution=f"chunk:{k}")
+    rng = np.random.default_rng(0)
+    policy.reset()
+    for _ in range(steps):
+        images = {cam: rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for cam in backbone.cameras}
+        assert policy.act(Observation(images, np.zeros(15)), "lift the red block").shape == (7,)
+    assert len(calls) == (steps if history else math.ceil(steps / k)), (
+        f"head {name!r} ({'with' if history else 'without'} a history): {len(calls)} VLM passes in {steps} "
+        f"steps of chunk:{k}")
+    assert bool(head.history_attributes) == history, (
+        f"head {name!r}: its steps {'read' if history else 'do not read'} past frames, but it declares "
+        f"history_attributes {type(head).history_attributes}")
 
 
 def test_bad_observations_are_refused_with_the_reason(runs, synth):

@@ -70,15 +70,16 @@ class ChunkHead(robovla.PolicyHead):
     """Base of the built-in heads: a body maps each frame's features to h [B, T, H]; the
     gripper MLP maps h to C logits [B, T, C, 1]; subclasses add the arm output.
 
-    A per-frame head (``window = False``) steps by running :meth:`forward` on the frame.
-    A window head (``window = True``) reads frames causally: step n equals ``forward`` on
-    the last T frames at its last position, which the default :meth:`step` obtains by
-    keeping the last T features and re-running ``forward`` on them.
+    A per-frame head (``window = False``) steps by running :meth:`forward` on the frame and
+    has no history. A window head (``window = True``) reads frames causally: step n equals
+    ``forward`` on the last T frames at its last position, which the default :meth:`step`
+    obtains by keeping the last T features in ``_frames`` and re-running ``forward`` on
+    them; such a head declares ``history_attributes = ("_frames",)`` (a head that steps
+    otherwise, like ``lstm``, declares what it keeps instead).
     """
 
     Config = HeadConfig
     window: bool = False
-    history_attributes = ("_frames",)
 
     def __init__(self, config: HeadConfig, dims: robovla.Dims, hidden: int):
         super().__init__(config, dims)

@@ -60,6 +60,7 @@ class GPTHead(RegressionHead):
 
     tiny_config = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_widths": [32]}
     window = True
+    history_attributes = ("_frames",)  # the last T features, re-run every step
 
     def __init__(self, config: Config, dims: robovla.Dims):
         super().__init__(config, dims, config.hidden_size)
