@@ -23,11 +23,29 @@ from torch import nn
 from robovla.config import ComponentConfig
 
 
+ROLE_SPECIAL, ROLE_IMAGE, ROLE_TEXT, ROLE_LRN = 0, 1, 2, 3
+"""What a position of an assembled sequence holds (the ``roles`` of
+:meth:`Backbone.forward_embeddings`): BOS, EOS and padding are special; the rest are image
+tokens, instruction tokens and [LRN]."""
+
+
 class TextTokens(NamedTuple):
     """Tokenized instructions (prompt applied, no BOS/EOS), right-padded."""
 
     ids: torch.Tensor  # long [B, L]
     mask: torch.Tensor  # bool [B, L]; False on padding
+
+
+def pad_tokens(rows: list[list[int]], pad_id: int) -> TextTokens:
+    """B rows of token ids -> :class:`TextTokens` [B, L], right-padded with ``pad_id`` to the
+    longest row (L at least 1, so that an empty instruction still has a column)."""
+    width = max([1, *map(len, rows)])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[b, :len(row)] = True
+    return TextTokens(ids, mask)
 
 
 class Backbone(nn.Module, abc.ABC):
@@ -91,9 +109,9 @@ class Backbone(nn.Module, abc.ABC):
     def forward_embeddings(self, embeds: torch.Tensor, attention_mask: torch.Tensor,
                            roles: torch.Tensor | None = None) -> torch.Tensor:
         """Run the language model on embeddings [M, S, D] with mask bool [M, S] -> final hidden
-        states [M, S, D]. ``roles`` long [M, S] says what each position holds (``ROLE_*`` in
-        robovla.vla: special token or padding, image, instruction, [LRN]); language models
-        that read the sequence as it comes ignore it."""
+        states [M, S, D]. ``roles`` long [M, S] says what each position holds (``ROLE_*`` above:
+        special token or padding, image, instruction, [LRN]); language models that read the
+        sequence as it comes ignore it."""
 
     @abc.abstractmethod
     def freeze_groups(self) -> dict[str, list[nn.Module]]:

@@ -22,17 +22,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from robovla.backbone import Backbone, TextTokens
+from robovla.backbone import ROLE_IMAGE, ROLE_LRN, ROLE_SPECIAL, ROLE_TEXT, Backbone, TextTokens, pad_tokens
 from robovla.batch import Batch
 from robovla.head import PolicyHead, Prediction
 
 if TYPE_CHECKING:
     from robovla.config import RunConfig
-
-ROLE_SPECIAL, ROLE_IMAGE, ROLE_TEXT, ROLE_LRN = 0, 1, 2, 3
-"""What a sequence position holds (``roles`` of :meth:`VLA.assemble`): BOS, EOS and padding
-are special; the rest are image tokens, instruction tokens and [LRN]."""
-
 
 class VLA(nn.Module):
     """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters.
@@ -65,18 +60,13 @@ class VLA(nn.Module):
             tokens = self.backbone.tokenize(new)
             for text, ids, mask in zip(new, tokens.ids, tokens.mask):
                 self._tokens[text] = ids[mask].tolist()
-        rows = [self._tokens[i] for i in instructions]
-        width = max(1, max(len(r) for r in rows))
-        ids = torch.full((len(rows), width), self.backbone.bos_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, row in enumerate(rows):
-            ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, :len(row)] = True
-        return TextTokens(ids, mask)
+        # padding: the BOS id, a valid id of every backbone (masked, so never read)
+        return pad_tokens([self._tokens[i] for i in instructions], self.backbone.bos_token_id)
 
     def assemble(self, images: dict[str, torch.Tensor], tokens: TextTokens) -> tuple[torch.Tensor, ...]:
         """uint8 images camera -> [B, T, H, W, 3] and tokens [B, L] -> embeddings [M, S, D],
-        attention mask bool [M, S], the [LRN] positions long [M, K] and the roles long [M, S]."""
+        attention mask bool [M, S], the [LRN] positions long [M, K] and the roles long [M, S]
+        (``ROLE_*`` of robovla.backbone)."""
         bb = self.backbone
         missing = [cam for cam in bb.cameras if cam not in images]
         if missing:

@@ -11,7 +11,8 @@ from robovla import finetune
 from robovla.config import LoraConfig, TrainConfig
 from robovla.frame_cache import CachedDataset
 from robovla.loader import Preprocess, make_loader
-from robovla.vla import ROLE_IMAGE, ROLE_LRN, VLA
+from robovla.backbone import ROLE_IMAGE, ROLE_LRN
+from robovla.vla import VLA
 from robovla.windows import WindowDataset
 
 SMALL = {"image_size": 32, "channels": [8, 16], "hidden_size": 32, "heads": 2, "vocab_buckets": 64}

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import robovla
+from robovla.backbone import pad_tokens
 from robovla.batch import Batch
 
 
@@ -59,3 +60,11 @@ def test_top_level_exports_load_lazily():
         robovla.Nope  # noqa: B018
     for name in robovla.__all__:
         assert getattr(robovla, name) is not None
+
+
+def test_pad_tokens_right_pads_every_row_to_the_longest():
+    tokens = pad_tokens([[5, 6, 7], [], [8]], pad_id=1)
+    assert tokens.ids.tolist() == [[5, 6, 7], [1, 1, 1], [8, 1, 1]] and tokens.ids.dtype == torch.long
+    assert tokens.mask.tolist() == [[True] * 3, [False] * 3, [True, False, False]]
+    empty = pad_tokens([[], []], pad_id=0)
+    assert empty.ids.shape == empty.mask.shape == (2, 1) and not empty.mask.any()  # one column, all padding

@@ -56,8 +56,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from robovla.backbone import TextTokens
-from robovla.vla import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT
+from robovla.backbone import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT, TextTokens, pad_tokens
 from robovla_plugins.backbones.hf import PromptConfig, PromptedBackbone
 
 PAD, BOS, EOS = 0, 1, 2  # ids of the special tokens; words take 3 .. vocab_buckets - 1
@@ -190,15 +189,8 @@ class CNNPool(PromptedBackbone):
         return 3 + zlib.crc32(word.encode()) % (self.config.vocab_buckets - 3)
 
     def tokenize(self, instructions: list[str]) -> TextTokens:
-        rows = [[self.word_id(w) for w in WORD.findall(self.prompt_template.format(instruction=i).lower())]
-                for i in instructions]
-        width = max([1, *map(len, rows)])
-        ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, row in enumerate(rows):
-            ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[b, :len(row)] = True
-        return TextTokens(ids, mask)
+        return pad_tokens([[self.word_id(w) for w in WORD.findall(self.prompt_template.format(instruction=i).lower())]
+                           for i in instructions], PAD)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
