@@ -7,25 +7,25 @@
         command = policy.act({"static": rgb_static, "gripper": rgb_gripper}, robot_obs, "open the drawer")
 
 Images are uint8 [H, W, 3] per camera (``policy.metadata["cameras"]``), robot_obs float
-[15]; the command is float64 [A] with the gripper exactly -1 or +1. Needs only numpy and the
-standard library; one client per thread (it keeps one HTTP connection open).
+[15]; the command is float64 [A] with the gripper exactly -1 or +1 (the messages:
+:mod:`robovla.wire`). It loads no torch: besides robovla's light top level it needs only
+numpy and the standard library. One client per thread (it keeps one HTTP connection open).
 """
 
 from __future__ import annotations
 
 import http.client
-import io
 import json
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 
-NPZ = "application/x-npz"
+from robovla.wire import NPZ, decode_action, encode_observation
 
 
 class ServerError(Exception):
-    """The server refused a request: ``status`` is the HTTP code, the message its explanation."""
+    """The server answered a request with an error: ``status`` is the HTTP code, the message its explanation."""
 
     def __init__(self, status: int, message: str):
         super().__init__(f"{status}: {message}")
@@ -40,8 +40,13 @@ class PolicyClient:
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url {url!r}: expected http://HOST:PORT")
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-        self.metadata: dict[str, Any] = self._request("GET", "/metadata")
-        self.session: str | None = self._request("POST", "/sessions", json.dumps({"seed": seed}).encode())["session"]
+        self.session: str | None = None
+        try:
+            self.metadata: dict[str, Any] = self._request("GET", "/metadata")
+            self.session = self._request("POST", "/sessions", json.dumps({"seed": seed}).encode())["session"]
+        except BaseException:
+            self._conn.close()
+            raise
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")
@@ -52,21 +57,17 @@ class PolicyClient:
 
     def act(self, images: dict[str, np.ndarray], robot_obs: np.ndarray, instruction: str) -> np.ndarray:
         """One control step: the command float64 [A] for these camera images and robot state."""
-        buffer = io.BytesIO()
-        np.savez(buffer, **{f"image.{cam}": np.asarray(img) for cam, img in images.items()},
-                 robot_obs=np.asarray(robot_obs), instruction=np.array(instruction))
-        body = self._request("POST", f"/sessions/{self.session}/act", buffer.getvalue(), NPZ)
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            return archive["action"]
+        body = encode_observation(images, robot_obs, instruction)
+        return decode_action(self._request("POST", f"/sessions/{self.session}/act", body, NPZ))
 
     def close(self) -> None:
-        """End the session on the server and close the connection."""
-        if self.session is not None:
-            try:
+        """End the session on the server (if it is still open) and close the connection."""
+        try:
+            if self.session is not None:
                 self._request("DELETE", f"/sessions/{self.session}")
-            finally:
-                self.session = None
-                self._conn.close()
+        finally:
+            self.session = None
+            self._conn.close()
 
     def __enter__(self) -> PolicyClient:
         return self

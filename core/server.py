@@ -3,29 +3,30 @@
     robo-run serve --run RUN_DIR [--checkpoint NAME] [--host 127.0.0.1] [--port 8000]
                    [--execute first|chunk:K|ensemble[:M]] [--device cpu] [--max-batch 8]
 
-Endpoints (JSON unless said otherwise; errors are JSON ``{"error": ..., "status": ...}``
-with a 4xx code for a bad request, after which the server keeps serving):
+Endpoints (JSON unless said otherwise):
 
     GET    /health                  {"status": "ok", "sessions": n}
     GET    /metadata                cameras, image size, window, chunk, action space, execution, ...
     POST   /sessions                a new session (its own history): {"session": ID}; body {"seed": S} optional
-    POST   /sessions/ID/reset       a new episode in the session (the policy forgets its history)
+    POST   /sessions/ID/reset       a new episode in the session (the policy forgets its history);
+                                    body {"seed": S} optional
     POST   /sessions/ID/act         body: an .npz archive (application/x-npz) with ``image.CAMERA``
                                     uint8 [H, W, 3] per camera, ``robot_obs`` float [15] and
                                     ``instruction`` (a 0-d unicode array); answer: an .npz with
                                     ``action`` float64 [A], the command (gripper exactly -1 or +1)
     DELETE /sessions/ID             end the session
 
-npz is numpy's own container: typed, shaped arrays with no pickling (the server reads it
-with ``allow_pickle=False``), uncompressed by default. Requests from concurrent sessions
-are stepped together, one batched VLM pass for up to ``--max-batch`` of them.
-:class:`robovla.client.PolicyClient` speaks this protocol.
+:mod:`robovla.wire` defines the .npz messages; it never unpickles. Every error is JSON
+``{"error": ..., "status": ...}``: a 4xx code for a request the server refuses (an unknown
+path or session, a method a path does not take, a malformed body, too many sessions), 501
+for an HTTP method no endpoint takes, 500 when the policy fails; after each the server keeps
+serving. Requests from concurrent sessions are stepped together, one batched VLM pass for up
+to ``--max-batch`` of them. :class:`robovla.client.PolicyClient` speaks this protocol.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import queue
 import secrets
@@ -35,17 +36,27 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from robovla.env import Observation
 from robovla.policy import MAX_IMAGE_SIDE, ObservationError, Policy, check_observation
+from robovla.wire import IMAGE_PREFIX, NPZ, WireError, decode_observation, encode_action
 
 PROTOCOL = "robovla-serve/1"
-NPZ = "application/x-npz"
 MAX_SESSIONS = 64
-IMAGE_PREFIX = "image."
+
+# path pattern (ID: any one path segment, a session) -> HTTP method -> the _Handler method answering it
+_ROUTES: dict[tuple[str, ...], dict[str, str]] = {
+    ("health",): {"GET": "_health"},
+    ("metadata",): {"GET": "_metadata"},
+    ("sessions",): {"POST": "_open_session"},
+    ("sessions", "ID"): {"DELETE": "_end_session"},
+    ("sessions", "ID", "reset"): {"POST": "_reset_session"},
+    ("sessions", "ID", "act"): {"POST": "_act"},
+}
+ENDPOINTS = ", ".join(f"{method} /{'/'.join(pattern)}" for pattern, methods in _ROUTES.items() for method in methods)
 
 
 class RequestError(Exception):
@@ -56,44 +67,31 @@ class RequestError(Exception):
         self.status = status
 
 
-def encode_npz(**arrays: Any) -> bytes:
-    """Arrays -> the bytes of an uncompressed .npz archive."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def decode_npz(body: bytes, what: str = "body") -> dict[str, np.ndarray]:
-    """The bytes of an .npz archive -> its arrays (never unpickling); RequestError(400) otherwise."""
+def observation_from(body: bytes, cameras: tuple[str, ...]) -> tuple[Observation, str]:
+    """An act request's body -> (Observation, instruction), or RequestError(400) saying what is wrong."""
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("a single .npy array, not an .npz archive")
-            return {name: archive[name] for name in archive.files}
-    except Exception as exc:  # zipfile, numpy format and pickle refusals all mean: not a valid archive
-        raise RequestError(400, f"the {what} is not a readable .npz archive ({type(exc).__name__}: {exc}); send "
-                                "numpy.savez output with content type application/x-npz") from None
-
-
-def observation_from(arrays: dict[str, np.ndarray], cameras: tuple[str, ...]) -> tuple[Observation, str]:
-    """An act request's arrays -> (Observation, instruction), or RequestError(400) saying what is wrong."""
-    allowed = {f"{IMAGE_PREFIX}{cam}" for cam in cameras} | {"robot_obs", "instruction"}
-    unknown = sorted(set(arrays) - allowed)
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {unknown}; an act request has {sorted(allowed)}")
-    missing = sorted(allowed - set(arrays))
-    if missing:
-        raise RequestError(400, f"missing field(s) {missing}; an act request has {sorted(allowed)}")
-    instruction = arrays["instruction"]
-    if instruction.dtype.kind != "U" or instruction.shape != ():
-        raise RequestError(400, f"instruction must be a 0-d unicode array (numpy.array('...')), got dtype "
-                                f"{instruction.dtype} shape {list(instruction.shape)}")
-    observation = Observation({cam: arrays[f"{IMAGE_PREFIX}{cam}"] for cam in cameras}, arrays["robot_obs"])
-    try:
-        check_observation(observation, str(instruction), cameras)
-    except ObservationError as exc:
+        images, robot_obs, instruction = decode_observation(body, cameras)
+        observation = Observation(images, robot_obs)
+        check_observation(observation, instruction, cameras)
+    except (WireError, ObservationError) as exc:
         raise RequestError(400, str(exc)) from None
-    return observation, str(instruction)
+    return observation, instruction
+
+
+def seed_from(body: bytes) -> int:
+    """A session request's body (empty, or JSON ``{"seed": S}``) -> the seed (0 unless given)."""
+    if not body.strip():
+        return 0
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(400, 'the body must be JSON such as {"seed": 0}, or empty') from None
+    if not isinstance(data, dict) or set(data) - {"seed"}:
+        raise RequestError(400, f'the body takes only {{"seed": INT}}, got {str(data)[:100]}')
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise RequestError(400, f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
 
 
 @dataclass
@@ -116,14 +114,14 @@ class PolicyServer:
         if max_batch < 1 or max_sessions < 1:
             raise ValueError(f"max_batch and max_sessions must be >= 1, got {max_batch} and {max_sessions}")
         self.policy, self.max_batch, self.max_sessions = policy, max_batch, max_sessions
-        # the largest images allowed, and change
+        # the largest act body accepted: one RGB image of the largest size per camera, plus 1 MiB
+        # for robot_obs, the instruction and the archive's own headers
         self.max_body = len(policy.cameras) * MAX_IMAGE_SIDE ** 2 * 3 + (1 << 20)
         self.sessions: dict[str, int] = {}  # session -> steps taken
         self.lock = threading.Lock()  # guards the policy and the sessions
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.batches: list[int] = []  # size of every batch stepped (tests and logs read it)
-        self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        self.httpd.daemon_threads = True
+        self.batches: list[int] = []  # size of every batch stepped (tests read it)
+        self.httpd = _HTTPServer((host, port), self)
         self.worker = threading.Thread(target=self._work, name="robovla-policy", daemon=True)
         self.worker.start()
         self._thread: threading.Thread | None = None
@@ -142,6 +140,7 @@ class PolicyServer:
         return self
 
     def stop(self) -> None:
+        """Stop serving (call it after :meth:`start` or once :meth:`serve_forever` has returned)."""
         self.httpd.shutdown()
         self.httpd.server_close()
         self.jobs.put(None)
@@ -156,40 +155,28 @@ class PolicyServer:
     # ----------------------------------------------------------------------- the model
 
     def _work(self) -> None:
-        """Step queued act requests, several sessions in one batch (each session at most once)."""
+        """Step queued act requests until :meth:`stop`, several sessions in one batch."""
         waiting: list[_Job] = []
         while True:
             job = waiting.pop(0) if waiting else self.jobs.get()
             if job is None:
                 return
-            batch, later = [job], []
-            for pending in [*waiting, *self._drain()]:
-                if pending is None:
-                    self.jobs.put(None)
-                    continue
-                if len(batch) < self.max_batch and all(pending.session != j.session for j in batch):
-                    batch.append(pending)
-                else:
-                    later.append(pending)
-            waiting = later
-            with self.lock:
-                live = [j for j in batch if j.session in self.sessions]
-                for j in batch:
-                    if j.session not in self.sessions:
-                        j.result.set_exception(RequestError(404, f"session {j.session} ended while its request waited"))
-                if not live:
-                    continue
-                try:
-                    actions = self.policy.act_batch([j.observation for j in live], [j.instruction for j in live],
-                                                    [j.session for j in live])
-                except Exception as exc:  # noqa: BLE001 - reported to each client; the server keeps serving
-                    for j in live:
-                        j.result.set_exception(exc)
-                    continue
-                self.batches.append(len(live))
-                for j, action in zip(live, actions):
-                    self.sessions[j.session] += 1
-                    j.result.set_result(action)
+            batch, waiting = self._batch(job, waiting)
+            self._step(batch)
+
+    def _batch(self, first: _Job, waiting: list[_Job]) -> tuple[list[_Job], list[_Job]]:
+        """(``first`` plus the waiting and queued jobs that fit, the rest): a batch has each
+        session at most once and ``max_batch`` jobs at most; the rest wait in arrival order."""
+        batch, later = [first], []
+        for pending in [*waiting, *self._drain()]:
+            if pending is None:  # stop() was called: leave its mark for the next get
+                self.jobs.put(None)
+                continue
+            if len(batch) < self.max_batch and all(pending.session != j.session for j in batch):
+                batch.append(pending)
+            else:
+                later.append(pending)
+        return batch, later
 
     def _drain(self) -> list[_Job | None]:
         out = []
@@ -199,7 +186,36 @@ class PolicyServer:
             except queue.Empty:
                 return out
 
+    def _step(self, batch: list[_Job]) -> None:
+        """One batched policy step for the jobs whose session is still open; every job gets its
+        command, or the error that stopped it."""
+        with self.lock:
+            live = [j for j in batch if j.session in self.sessions]
+            for j in batch:
+                if j.session not in self.sessions:
+                    j.result.set_exception(RequestError(404, f"session {j.session} ended while its request waited"))
+            if not live:
+                return
+            try:
+                actions = self.policy.act_batch([j.observation for j in live], [j.instruction for j in live],
+                                                [j.session for j in live])
+            except Exception as exc:  # noqa: BLE001 - reported to each client; the server keeps serving
+                for j in live:
+                    j.result.set_exception(exc)
+                return
+            self.batches.append(len(live))
+            for j, action in zip(live, actions):
+                self.sessions[j.session] += 1
+                j.result.set_result(action)
+
     # ------------------------------------------------------------------------ requests
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "sessions": len(self.sessions)}
+
+    def metadata(self) -> dict[str, Any]:
+        return {**self.policy.metadata(), "protocol": PROTOCOL, "encoding": NPZ,
+                "image_fields": [f"{IMAGE_PREFIX}{c}" for c in self.policy.cameras]}
 
     def new_session(self, seed: int) -> str:
         with self.lock:
@@ -224,9 +240,10 @@ class PolicyServer:
             self.policy.drop(session)
 
     def act(self, session: str, body: bytes) -> np.ndarray:
+        """The command for an act request's body, once the worker has stepped it in a batch."""
         with self.lock:
             self._known(session)
-        observation, instruction = observation_from(decode_npz(body), self.policy.cameras)
+        observation, instruction = observation_from(body, self.policy.cameras)
         job = _Job(session, observation, instruction, Future())
         self.jobs.put(job)
         return job.result.result()
@@ -235,117 +252,125 @@ class PolicyServer:
         if session not in self.sessions:
             raise RequestError(404, f"no session {session!r}; open one with POST /sessions")
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-            server_version = "robovla-serve"
+class _HTTPServer(ThreadingHTTPServer):
+    """The HTTP side of a :class:`PolicyServer`: a thread per connection, each served by a _Handler."""
 
-            def log_message(self, format: str, *args: Any) -> None:  # one line per error only
-                pass
+    daemon_threads = True
 
-            def do_GET(self) -> None:
-                self._route("GET")
+    def __init__(self, address: tuple[str, int], policy_server: PolicyServer):
+        self.policy_server = policy_server
+        super().__init__(address, _Handler)
 
-            def do_POST(self) -> None:
-                self._route("POST")
 
-            def do_DELETE(self) -> None:
-                self._route("DELETE")
+class _Handler(BaseHTTPRequestHandler):
+    """One client connection: each request goes to the method ``_ROUTES`` names, which answers
+    it from ``self.server.policy_server``; every error is answered as JSON."""
 
-            def do_PUT(self) -> None:
-                self._route("PUT")
+    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
+    server_version = "robovla-serve"
+    server: _HTTPServer
 
-            def _route(self, method: str) -> None:
-                try:
-                    body = self._body(method)
-                    self._dispatch(method, self.path.rstrip("/").split("?")[0], body)
-                except RequestError as exc:
-                    self._json(exc.status, {"error": str(exc), "status": exc.status})
-                except Exception as exc:  # noqa: BLE001 - a bug or a model failure: 500, and keep serving
-                    print(f"robo-run serve: {method} {self.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                    self._json(500, {"error": f"{type(exc).__name__}: {exc}", "status": 500})
+    def log_message(self, format: str, *args: Any) -> None:  # no line per request; a 500 prints one (_route)
+        pass
 
-            def _body(self, method: str) -> bytes:
-                if method not in ("POST", "PUT"):
-                    return b""
-                length = self.headers.get("Content-Length")
-                if length is None:
-                    self.close_connection = True
-                    raise RequestError(411, "send a Content-Length header with the body")
-                try:
-                    n = int(length)
-                    if n < 0:
-                        raise ValueError
-                except ValueError:
-                    self.close_connection = True
-                    raise RequestError(400, f"Content-Length {length!r} is not a byte count") from None
-                if n > server.max_body:
-                    self.close_connection = True  # the body is not read: the connection cannot be reused
-                    raise RequestError(413, f"the body has {n} bytes; at most {server.max_body} (images up to "
-                                            f"{MAX_IMAGE_SIDE} px a side)")
-                return self.rfile.read(n)
+    def do_GET(self) -> None:
+        self._route()
 
-            def _dispatch(self, method: str, path: str, body: bytes) -> None:
-                parts = [p for p in path.split("/") if p]
-                routes = {("health",): ("GET",), ("metadata",): ("GET",), ("sessions",): ("POST",)}
-                if len(parts) == 1 and tuple(parts) in routes:
-                    if method not in routes[tuple(parts)]:
-                        raise RequestError(405, f"{path} takes {', '.join(routes[tuple(parts)])}, not {method}")
-                    if parts[0] == "health":
-                        return self._json(200, {"status": "ok", "sessions": len(server.sessions)})
-                    if parts[0] == "metadata":
-                        return self._json(200, {**server.policy.metadata(), "protocol": PROTOCOL, "encoding": NPZ,
-                                                "image_fields": [f"{IMAGE_PREFIX}{c}" for c in server.policy.cameras]})
-                    session = server.new_session(self._seed(body))
-                    return self._json(201, {"session": session})
-                if len(parts) == 2 and parts[0] == "sessions":
-                    if method != "DELETE":
-                        raise RequestError(405, f"{path} takes DELETE, not {method}")
-                    server.end(parts[1])
-                    return self._json(200, {"session": parts[1], "ended": True})
-                if len(parts) == 3 and parts[0] == "sessions" and parts[2] in ("act", "reset"):
-                    if method != "POST":
-                        raise RequestError(405, f"{path} takes POST, not {method}")
-                    if parts[2] == "reset":
-                        server.reset(parts[1], self._seed(body))
-                        return self._json(200, {"session": parts[1], "reset": True})
-                    kind = self.headers.get("Content-Type", "").split(";")[0].strip()
-                    if kind != NPZ:
-                        raise RequestError(415, f"an act request is {NPZ}, got content type {kind or 'none'!r}")
-                    action = server.act(parts[1], body)
-                    return self._send(200, encode_npz(action=np.asarray(action, dtype=np.float64)), NPZ)
-                raise RequestError(404, f"no endpoint {path!r}; endpoints: GET /health, GET /metadata, POST /sessions, "
-                                        "POST /sessions/ID/act, POST /sessions/ID/reset, DELETE /sessions/ID")
+    def do_POST(self) -> None:
+        self._route()
 
-            def _seed(self, body: bytes) -> int:
-                if not body.strip():
-                    return 0
-                try:
-                    data = json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise RequestError(400, 'the body must be JSON such as {"seed": 0}, or empty') from None
-                if not isinstance(data, dict) or set(data) - {"seed"}:
-                    raise RequestError(400, f'the body takes only {{"seed": INT}}, got {str(data)[:100]}')
-                seed = data.get("seed", 0)
-                if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-                    raise RequestError(400, f"seed must be an integer in [0, 2^63), got {seed!r}")
-                return seed
+    def do_DELETE(self) -> None:
+        self._route()
 
-            def _json(self, status: int, payload: dict[str, Any]) -> None:
-                self._send(status, json.dumps(payload).encode(), "application/json")
+    def _route(self) -> None:
+        try:
+            body = self._body() if self.command == "POST" else b""
+            answer, sessions = self._resolve(self.path.split("?")[0].rstrip("/"))
+            answer(body, *sessions)
+        except RequestError as exc:
+            self._json(exc.status, {"error": str(exc), "status": exc.status})
+        except Exception as exc:  # noqa: BLE001 - a bug or a model failure: 500, and keep serving
+            print(f"robo-run serve: {self.command} {self.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            self._json(500, {"error": f"{type(exc).__name__}: {exc}", "status": 500})
 
-            def _send(self, status: int, data: bytes, kind: str) -> None:
-                self.send_response(status, HTTPStatus(status).phrase)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
+    def _resolve(self, path: str) -> tuple[Callable[..., None], list[str]]:
+        """The method answering this request and the session IDs in its path; 404 or 405 otherwise."""
+        parts = [p for p in path.split("/") if p]
+        for pattern, methods in _ROUTES.items():
+            if len(pattern) != len(parts) or not all(p in ("ID", q) for p, q in zip(pattern, parts)):
+                continue
+            if self.command not in methods:
+                raise RequestError(405, f"{path} takes {', '.join(methods)}, not {self.command}")
+            return getattr(self, methods[self.command]), [q for p, q in zip(pattern, parts) if p == "ID"]
+        raise RequestError(404, f"no endpoint {path!r}; endpoints: {ENDPOINTS}")
 
-        return Handler
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            self.close_connection = True
+            raise RequestError(411, "send a Content-Length header with the body")
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise RequestError(400, f"Content-Length {length!r} is not a byte count") from None
+        limit = self.server.policy_server.max_body
+        if n > limit:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise RequestError(413, f"the body has {n} bytes; at most {limit} (images up to {MAX_IMAGE_SIDE} px "
+                                    "a side)")
+        return self.rfile.read(n)
+
+    # ------------------------------------------------------------------- the endpoints
+
+    def _health(self, body: bytes) -> None:
+        self._json(200, self.server.policy_server.health())
+
+    def _metadata(self, body: bytes) -> None:
+        self._json(200, self.server.policy_server.metadata())
+
+    def _open_session(self, body: bytes) -> None:
+        self._json(201, {"session": self.server.policy_server.new_session(seed_from(body))})
+
+    def _end_session(self, body: bytes, session: str) -> None:
+        self.server.policy_server.end(session)
+        self._json(200, {"session": session, "ended": True})
+
+    def _reset_session(self, body: bytes, session: str) -> None:
+        self.server.policy_server.reset(session, seed_from(body))
+        self._json(200, {"session": session, "reset": True})
+
+    def _act(self, body: bytes, session: str) -> None:
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip()
+        if kind != NPZ:
+            raise RequestError(415, f"an act request is {NPZ}, got content type {kind or 'none'!r}")
+        self._send(200, encode_action(self.server.policy_server.act(session, body)), NPZ)
+
+    # ----------------------------------------------------------------------- answers
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a method no endpoint takes, a malformed request line,
+        headers too large) in the JSON shape of every other error; the connection then closes."""
+        self.close_connection = True
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            message = f"no endpoint takes method {self.command}; endpoints: {ENDPOINTS}"
+        self._json(code, {"error": message or HTTPStatus(code).phrase, "status": code})
+
+    def _json(self, status: int, payload: dict[str, Any]) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, kind: str) -> None:
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":  # a HEAD answer has headers only
+            self.wfile.write(data)
 
 
 # ------------------------------------------------------------------------- command line
