@@ -54,7 +54,9 @@ class Backbone(nn.Module, abc.ABC):
     Attributes:
         hidden_size: D, the language model's hidden size.
         cameras: cameras read, in sequence order (e.g. ``("gripper", "static")``).
-        image_size: square input side in pixels that :meth:`preprocess_images` produces.
+        image_size: the square side S in pixels that camera images are resized to before
+            :meth:`preprocess_images` (by the training loader and the Policy alike); None (the
+            default) for a backbone that takes them at any size and resizes them itself.
         prompt_template: how an instruction is worded, with ``{instruction}``.
         lora_targets: default PEFT ``target_modules`` (a list of names or a regex): by
             default the language model's attention and MLP projections.
@@ -76,7 +78,7 @@ class Backbone(nn.Module, abc.ABC):
     """Config values that build a small instance offline in seconds (robovla.testing uses them)."""
     hidden_size: int
     cameras: tuple[str, ...]
-    image_size: int
+    image_size: int | None = None
     prompt_template: str
     lora_targets: list[str] | str
     bos_token_id: int
@@ -91,7 +93,8 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
-        """uint8 [M, H, W, 3] -> pixel values float [M, 3, image_size, image_size]."""
+        """uint8 [M, S, S, 3] (any [M, H, W, 3] when ``image_size`` is None) -> pixel values float
+        [M, 3, H', W'], the size the vision encoder reads."""
 
     @abc.abstractmethod
     def tokenize(self, instructions: list[str]) -> TextTokens:

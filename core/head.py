@@ -49,7 +49,10 @@ class PolicyHead(nn.Module, abc.ABC):
     """Names of the instance attributes that hold the online history (what :meth:`reset`
     clears and :meth:`step` advances). :meth:`save_history` and :meth:`load_history` swap
     them, which is how one head keeps a separate history for each of several episodes
-    (robovla.Policy); a head with history must list them (a conformance check tests it)."""
+    (robovla.Policy); a head with history must list them (a conformance check tests it). A
+    head whose steps read each frame alone lists none: the Policy then runs the VLM only
+    when it needs a new chunk (``chunk:k`` execution)."""
+    dims: Dims
 
     def __init__(self, config: ComponentConfig, dims: Dims):
         super().__init__()

@@ -9,7 +9,7 @@ A action dim, S the image size the backbone reads.
 
 Every episode has a key (0 unless given: an env index, a client session) and its own
 history. A control step encodes only the new frame (the camera images resized to S as in
-training, and the instruction) into its [LRN] feature [1, 1, K, D]; the head steps once on
+training, or as they come for a backbone that takes any size; and the instruction) into its [LRN] feature [1, 1, K, D]; the head steps once on
 it, its own history (LSTM state, last T features) carrying the past, and predicts a chunk
 of C normalized actions. :meth:`Policy.act_batch` steps several episodes with one batched
 VLM pass, swapping each episode's head history in and out. Which action of the chunks is
@@ -33,13 +33,16 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable, Literal
+from typing import TYPE_CHECKING, Any, Hashable, Literal
 
 import numpy as np
 import torch
 
 from robovla.env import Observation
 from robovla.errors import RobovlaError
+
+if TYPE_CHECKING:
+    from robovla.vla import VLA
 
 MAX_IMAGE_SIDE = 4096  # pixels; larger camera images are refused
 MAX_INSTRUCTION = 2000  # characters
@@ -140,21 +143,21 @@ def check_observation(observation: Any, instruction: Any, cameras: tuple[str, ..
 class Policy:
     """A VLA, its fitted action space and an execution policy, stepped one frame at a time."""
 
-    def __init__(self, vla: Any, action_space: Any, execution: str | Execution = "first",
+    def __init__(self, vla: VLA, action_space: Any, execution: str | Execution = "first",
                  precision: Literal["32-true", "bf16-mixed"] = "32-true", info: dict[str, Any] | None = None):
         self.vla, self.action_space = vla, action_space
         self.execution = Execution.parse(execution)
-        chunk = vla.head.dims.C if hasattr(vla.head, "dims") else None
-        if self.execution.mode == "chunk" and chunk is not None and self.execution.steps > chunk:
-            raise ValueError(f"chunk:{self.execution.steps}: a chunk holds only C={chunk} actions")
+        if self.execution.mode == "chunk" and self.execution.steps > vla.head.dims.C:
+            raise ValueError(f"chunk:{self.execution.steps}: a chunk holds only C={vla.head.dims.C} actions")
         if precision not in ("32-true", "bf16-mixed"):
             raise ValueError(f"precision {precision!r}: use 32-true or bf16-mixed")
         self.precision = precision
         self.info = dict(info or {})
+        # what the components declare (robovla.Backbone, robovla.PolicyHead)
         self.cameras: tuple[str, ...] = tuple(vla.backbone.cameras)
-        self.image_size: int | None = getattr(vla.backbone, "image_size", None)
-        self.resize_filter: str = getattr(vla.backbone, "resize_filter", "bilinear")
-        self.has_history = bool(getattr(vla.head, "history_attributes", ()))
+        self.image_size: int | None = vla.backbone.image_size
+        self.resize_filter: str = vla.backbone.resize_filter
+        self.has_history = bool(vla.head.history_attributes)
         self.episodes: dict[Hashable, _Episode] = {}
         vla.eval()
 
@@ -205,10 +208,9 @@ class Policy:
         """What a client needs to know: cameras and image size, window, chunk, action space, execution."""
         from robovla import __version__
 
-        dims = getattr(self.vla.head, "dims", None)
+        dims = self.vla.head.dims
         return {**self.info, "robovla": __version__, "cameras": list(self.cameras), "image_size": self.image_size,
-                "window": getattr(dims, "T", None), "chunk": getattr(dims, "C", None),
-                "action_dim": getattr(dims, "A", None), "robot_obs_dim": 15,
+                "window": dims.T, "chunk": dims.C, "action_dim": dims.A, "robot_obs_dim": 15,
                 "execution": str(self.execution), "max_image_side": MAX_IMAGE_SIDE}
 
     # ----------------------------------------------------------------------- stepping
