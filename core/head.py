@@ -43,8 +43,8 @@ class PolicyHead(nn.Module, abc.ABC):
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
-    tiny_config: ClassVar[dict[str, Any]] = {}
-    """Field overrides that build a small, fast instance (tests and conformance checks)."""
+    test_config: ClassVar[dict[str, Any]] = {}
+    """Config values that build a small instance offline in seconds (robovla.testing uses them)."""
     history_attributes: ClassVar[tuple[str, ...]] = ()
     """Names of the instance attributes that hold the online history (what :meth:`reset`
     clears and :meth:`step` advances). :meth:`save_history` and :meth:`load_history` swap

@@ -43,7 +43,7 @@ def count(head):
 def tiny(name, dims=checks.DIMS, **overrides):
     torch.manual_seed(0)
     cls = robovla.get_component("head", name).load()
-    return robovla.create("head", name, {**cls.tiny_config, **overrides}, dims=dims)
+    return robovla.create("head", name, {**cls.test_config, **overrides}, dims=dims)
 
 
 # ------------------------------------------------------------------------ sizes and stepping
@@ -162,7 +162,7 @@ def test_masked_targets_may_hold_anything_even_nan():
 def test_every_head_reports_the_same_metrics(name):
     cls = robovla.get_component("head", name).load()
     torch.manual_seed(0)
-    head = robovla.create("head", name, dict(cls.tiny_config), dims=checks.DIMS)
+    head = robovla.create("head", name, dict(cls.test_config), dims=checks.DIMS)
     features, actions, mask = checks.batch()
     actions[~mask] = float("nan")  # the built-in heads and the shared loss ignore whatever is masked
     loss, metrics = head.loss(head(features), actions, mask)

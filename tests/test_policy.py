@@ -182,7 +182,7 @@ def test_chunk_execution_runs_the_vlm_as_often_as_the_head_needs(name):
     backbone_cls = robovla.get_component("backbone", "cnn-pool").load()
     torch.manual_seed(0)
     backbone = backbone_cls(backbone_cls.Config.model_validate(backbone_cls.test_config))
-    head = robovla.create("head", name, robovla.get_component("head", name).load().tiny_config,
+    head = robovla.create("head", name, robovla.get_component("head", name).load().test_config,
                           dims=robovla.Dims(D=backbone.hidden_size, T=3, C=4))
     history = reads_past_frames(head)
     calls = []

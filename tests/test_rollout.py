@@ -130,7 +130,7 @@ def test_a_real_vla_steps_its_head_in_eval_mode(space):
     backbone = cls(cls.Config.model_validate(cls.test_config))
     dims = robovla.Dims(D=backbone.hidden_size, T=2, C=3)
     for name in ("lstm", "flow"):  # flow samples: the generator seeded per episode makes it repeatable
-        head = robovla.create("head", name, robovla.get_component("head", name).load().tiny_config, dims=dims)
+        head = robovla.create("head", name, robovla.get_component("head", name).load().test_config, dims=dims)
         vla = VLA(backbone, head)
         runs = []
         for _ in range(2):

@@ -1,6 +1,6 @@
 """Conformance checks for policy heads, run on every registered head.
 
-Each check builds the head with its ``tiny_config`` at small sizes (:data:`DIMS`, K > 1 on
+Each check builds the head with its ``test_config`` at small sizes (:data:`DIMS`, K > 1 on
 purpose) and a fixed batch of random features and targets in the normalized form of the
 batch contract: arm dims in [-0.9, 0.9], the gripper in {0, 1}, and an action mask that
 cuts chunks off at episode ends. Shape letters: B batch, T window, K [LRN] tokens per
@@ -23,10 +23,10 @@ OVERFIT_LR = 3e-3
 
 
 def build(component: Component, dims: Dims = DIMS, seed: int = 0) -> PolicyHead:
-    """The head at its ``tiny_config``, with a seeded initialization (the global RNG is restored)."""
+    """The head at its ``test_config``, with a seeded initialization (the global RNG is restored)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create("head", component.name, dict(component.load().tiny_config), dims=dims)
+        return create("head", component.name, dict(component.load().test_config), dims=dims)
 
 
 def batch(dims: Dims = DIMS, b: int = B, frames: int | None = None, seed: int = 0):

@@ -43,7 +43,7 @@ class DiscreteHead(ChunkHead):
                 raise ValueError(f"high must be greater than low ({low})")
             return high
 
-    tiny_config = {"hidden_size": 32, "mlp_widths": [32], "bins": 16}
+    test_config = {"hidden_size": 32, "mlp_widths": [32], "bins": 16}
 
     def __init__(self, config: Config, dims: robovla.Dims):
         super().__init__(config, dims, config.hidden_size)

@@ -63,7 +63,7 @@ class FlowHead(ChunkHead):
             [1024, 1024, 1024], description="hidden widths of the velocity MLP")
         sample_steps: PositiveInt = Field(10, description="Euler steps from noise to the action chunk")
 
-    tiny_config = {"hidden_size": 32, "mlp_widths": [32], "velocity_widths": [256, 256]}
+    test_config = {"hidden_size": 32, "mlp_widths": [32], "velocity_widths": [256, 256]}
 
     def __init__(self, config: Config, dims: robovla.Dims):
         super().__init__(config, dims, config.hidden_size)

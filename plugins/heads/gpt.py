@@ -58,7 +58,7 @@ class GPTHead(RegressionHead):
                 raise ValueError(f"num_heads must divide hidden_size ({width})")
             return heads
 
-    tiny_config = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_widths": [32]}
+    test_config = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "mlp_widths": [32]}
     window = True
     history_attributes = ("_frames",)  # the last T features, re-run every step
 

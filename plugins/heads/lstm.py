@@ -35,7 +35,7 @@ class LSTMHead(RegressionHead):
         num_layers: PositiveInt = Field(4, description="stacked LSTM layers (the recipe: 4)")
         dropout: float = Field(0.0, ge=0, lt=1, description="dropout between LSTM layers (the recipe: 0)")
 
-    tiny_config = {"hidden_size": 32, "num_layers": 2, "mlp_widths": [32]}
+    test_config = {"hidden_size": 32, "num_layers": 2, "mlp_widths": [32]}
     window = True
     history_attributes = ("_state",)
 

@@ -24,7 +24,7 @@ class MLPHead(RegressionHead):
     class Config(RegressionConfig):
         hidden_size: PositiveInt = Field(1024, description="trunk output size, the input of the arm and gripper MLPs")
 
-    tiny_config = {"hidden_size": 32, "mlp_widths": [32]}
+    test_config = {"hidden_size": 32, "mlp_widths": [32]}
 
     def __init__(self, config: Config, dims: robovla.Dims):
         super().__init__(config, dims, config.hidden_size)
