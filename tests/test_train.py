@@ -49,7 +49,7 @@ def flags(kind: str, values: dict) -> list[str]:
 def tiny(kind: str, name: str) -> list[str]:
     """Flags that build component ``name`` small, from what it declares for tests."""
     cls = robovla.get_component(kind, name).load()
-    return [f"--{kind}", name, *flags(kind, getattr(cls, "test_config" if kind == "backbone" else "tiny_config", {}))]
+    return [f"--{kind}", name, *flags(kind, cls.test_config)]
 
 
 @pytest.mark.parametrize("backbone", robovla.list_components("backbone"))
