@@ -21,7 +21,7 @@ import torch
 import robovla
 from robovla import losses
 from robovla.config import resolve
-from robovla.train import open_dataset
+from robovla.data import open_dataset
 from robovla.windows import WindowDataset
 
 

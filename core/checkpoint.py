@@ -6,7 +6,8 @@
       metrics.csv               every logged value: step, split, key, value
       checkpoints/step-000500/  model.safetensors (full fine-tuning) or trainable.safetensors
                                 + adapter_config.json (LoRA: adapter and fully trained weights),
-                                optimizer.pt, state.json (step, epoch, batch, RNG, schedule)
+                                optimizer.pt, state.json (step, epoch, batch, schedule),
+                                rng-<rank>.json (each process's RNG states)
       checkpoints/last          symlink to the newest complete checkpoint
 
 With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
@@ -50,21 +51,53 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states, JSON-ready."""
-    return {"python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
-            "numpy": base64.b64encode(json.dumps(np.random.get_state()[1].tolist()).encode()).decode(),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, numpy and torch CPU RNG states, and ``device``'s when it is a
+    CUDA device; JSON-ready."""
+    state = {"python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
+             "numpy": base64.b64encode(json.dumps(np.random.get_state()[1].tolist()).encode()).decode(),
+             "numpy_pos": int(np.random.get_state()[2]),
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     """Inverse of :func:`rng_state`."""
+    def tensor(key: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(state[key])), dtype=torch.uint8)
+
     version, internal, gauss = json.loads(base64.b64decode(state["python"]))
     random.setstate((version, tuple(internal), gauss))
     keys = np.asarray(json.loads(base64.b64decode(state["numpy"])), dtype=np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"]))
-    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    torch.set_rng_state(tensor("torch"))
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(tensor("cuda"), device)
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"rng-{rank}.json"
+
+
+def save_rng(folder: Path, rank: int, device: torch.device | None = None) -> None:
+    """Write process ``rank``'s RNG states into checkpoint folder ``folder`` (every process its own)."""
+    rng_file(folder, rank).write_text(json.dumps(rng_state(device)))
+
+
+def load_rng(folder: Path, rank: int, device: torch.device | None = None) -> bool:
+    """Restore process ``rank``'s RNG states from ``folder``; False when it holds none for
+    that rank (a run resumed on more processes than it was saved from)."""
+    file = rng_file(folder, rank)
+    if file.is_file():
+        set_rng_state(json.loads(file.read_text()), device)
+        return True
+    legacy = json.loads((Path(folder) / STATE).read_text()).get("rng")  # one state for all ranks
+    if rank == 0 and legacy is not None:
+        set_rng_state(legacy, device)
+        return True
+    return False
 
 
 def begin(run_dir: Path, step: int) -> Path:
@@ -81,7 +114,7 @@ def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
     """Add state.json, flush, rename ``tmp`` into place and point ``last`` at it."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    (tmp / STATE).write_text(json.dumps({**state, "step": step, "rng": rng_state()}, indent=2))
+    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))
     for file in tmp.rglob("*"):
         if file.is_file():
             _fsync(file)
@@ -100,16 +133,24 @@ def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          state: dict[str, Any], lora: bool = False) -> Path:
     """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder. Under
-    LoRA the weights are :func:`robovla.finetune.save_trainable`'s (adapter and trainable)."""
+    LoRA the weights are :func:`robovla.finetune.save_trainable`'s (adapter and trainable).
+    One process: its RNG state is saved as rank 0's."""
+    tmp = begin(run_dir, step)
+    save_rng(tmp, 0)
+    write_model(tmp, model, optimizer, lora)
+    return commit(run_dir, step, tmp, state)
+
+
+def write_model(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lora: bool = False) -> None:
+    """The weights (all, or under LoRA the adapter and trainable ones) and the optimizer state,
+    into the temporary folder of a checkpoint being written."""
     from safetensors.torch import save_model
 
-    tmp = begin(run_dir, step)
     if lora:
         finetune.save_trainable(model, tmp)
     else:
         save_model(model, str(tmp / FULL))  # tied weights (e.g. an LM head) stored once
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-    return commit(run_dir, step, tmp, state)
 
 
 def save_weights(run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
 """``robo-run data``: check a dataset's files and compute its statistics.
 
-    robo-run data check PATH [--dataset NAME] [--window T] [--chunk C] [--json]
+    robo-run data check PATH [--dataset NAME] [--window T] [--json]
     robo-run data stats PATH [--dataset NAME] [--json]
     robo-run data synth --out DIR [--episodes N] [--seed S] [--dataset NAME]
     robo-run data cache PATH [--out DIR] [--dataset NAME]
@@ -19,10 +19,10 @@ from typing import Any
 
 from robovla import registry_file
 from robovla.errors import RobovlaError
+from robovla.frame_cache import CACHE_DIR
 from robovla.registry import create, get_component
 
 STATS_FILE = "robovla_stats.json"
-CACHE_DIR = "robovla_cache"
 
 
 def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
@@ -44,7 +44,6 @@ def _open(args: argparse.Namespace) -> Any:
 def cmd_check(argv: list[str]) -> int:
     p = _parser("check", "Validate a dataset's files and report every problem with its file and key.")
     p.add_argument("--window", type=int, default=8, help="T, to count the training samples (default 8)")
-    p.add_argument("--chunk", type=int, default=10, help="C, reported with the sample count (default 10)")
     args = p.parse_args(argv)
     from robovla.windows import sample_starts
 
@@ -62,7 +61,7 @@ def cmd_check(argv: list[str]) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(f"{args.path}: " + ", ".join(f"{v} {k}" for k, v in report.items() if k != "problems" and v is not None)
-              + f" (window {args.window}, chunk {args.chunk})")
+              + f" (window {args.window})")
         for q in problems:
             print(f"  {q.file}" + (f" [{q.key}]" if q.key else "") + f": {q.message}")
         print(f"{len(problems)} problem{'s' * (len(problems) != 1)}")

@@ -47,8 +47,9 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
     import torch
     from tqdm import tqdm
 
+    from robovla.data import open_dataset
     from robovla.loader import Preprocess, make_loader
-    from robovla.train import open_dataset
+    from robovla.losses import action_errors
     from robovla.windows import WindowDataset
 
     # the given split, or the run's (the sibling validation/ folder also when training skipped it)
@@ -80,12 +81,8 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
             prediction = vla(batch)
             loss, _ = vla.head.loss(prediction, batch.actions, batch.action_mask)
             losses.append((float(loss), len(batch.instruction)))
-            actions = vla.head.actions(prediction, generator=sampling).float()  # [B, T, C, A]
-            mask = batch.action_mask.float()  # [B, T, C]
-            err = (actions[..., :-1] - batch.actions[..., :-1]).float() * mask[..., None]  # masked: 0
-            right = ((actions[..., -1] >= 0.5) == (batch.actions[..., -1] >= 0.5)).float() * mask
-            per_window = {"count": mask.sum((1, 2)), "l1": err.abs().sum((1, 2)), "sq": err.square().sum((1, 2)),
-                          "right": right.sum((1, 2))}  # each [B] or [B, A-1]
+            actions = vla.head.actions(prediction, generator=sampling)  # [B, T, C, A]
+            per_window = action_errors(actions, batch.actions, batch.action_mask)  # each [B] or [B, A-1]
             per_window = {k: v.cpu().numpy().astype(np.float64) for k, v in per_window.items()}
             for b in range(len(batch.instruction)):
                 for key in ("all", tasks[seen + b]):

@@ -17,7 +17,6 @@ write into a private temporary folder that is renamed into place only when compl
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import numpy as np
 from robovla.dataset import Dataset, Frames, Problem, Segment
 
 VERSION = 1
+CACHE_DIR = "robovla_cache"  # the default cache folder, inside each split folder
 BLOCK = 256  # frames read from the source per step while building
 
 
@@ -54,14 +54,12 @@ def frame_blocks(ranges: list[tuple[int, int]], size: int = BLOCK) -> Iterator[t
 
 @contextlib.contextmanager
 def locked(folder: Path):
-    """An exclusive lock on ``<folder>.lock`` for as long as the block runs."""
+    """An exclusive lock on ``<folder>.lock`` for as long as the block runs (any OS: filelock)."""
+    from filelock import FileLock
+
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with FileLock(folder.with_name(folder.name + ".lock")):
+        yield
 
 
 def ensure(dataset: Dataset, folder: Path, progress: bool = True) -> bool:

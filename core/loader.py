@@ -18,19 +18,6 @@ from robovla.batch_ring import Filled, Request, Ring, RingBatchSampler
 from robovla.windows import Window, WindowDataset
 
 
-def random_shift(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> the same shape: each frame padded by ``pad`` (edge replicate) and
-    cropped back at a random offset in [0, 2 pad], drawn per frame. (RoboVLMs draws from
-    [1, 2 pad], a one-pixel bias that is not reproduced.)"""
-    if pad <= 0:
-        return images
-    out = np.empty_like(images)
-    dy, dx = rng.integers(0, 2 * pad + 1, size=(2, len(images)))
-    for t in range(len(images)):
-        shift_into(out[t], images[t], int(dy[t]) - pad, int(dx[t]) - pad)
-    return out
-
-
 def shift_into(out: np.ndarray, image: np.ndarray, oy: int, ox: int) -> None:
     """out[y, x] = image[clip(y + oy), clip(x + ox)] for one [H, W, 3] frame: the crop at offset
     (pad + oy, pad + ox) of the edge-padded frame, written in place without the padded copy."""
@@ -216,8 +203,11 @@ class Loader(torch.utils.data.DataLoader):
         self._ring: Ring | None = None  # single-process loaders keep one ring
 
     def set_epoch(self, epoch: int) -> None:
-        """The next iteration's shuffling and augmentation draws."""
-        self.batch_sampler.sampler.set_epoch(epoch)
+        """The next iteration's shuffling, augmentation draws and worker seeds, all functions of
+        (seed, epoch): a run resumed mid-epoch reads what the uninterrupted run read."""
+        sampler = self.batch_sampler.sampler
+        sampler.set_epoch(epoch)
+        self.generator.manual_seed(int(np.random.default_rng([sampler.seed, epoch, 1]).integers(2 ** 62)))
 
     def __iter__(self) -> Iterator[Batch]:
         ring = self._ring
@@ -244,5 +234,7 @@ def make_loader(windows: WindowDataset, batch_size: int, *, preprocess: Preproce
     """The loader for training or validation: workers read and preprocess, batches are :class:`Batch`."""
     data = AugmentedWindows(windows, preprocess or Preprocess(), seed)
     sampler = ShardedSampler(len(data), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, dataset=data)
-    return Loader(data, RingBatchSampler(sampler, batch_size, drop_last), num_workers=num_workers,
-                  pin_memory=pin_memory, **kwargs)
+    loader = Loader(data, RingBatchSampler(sampler, batch_size, drop_last), num_workers=num_workers,
+                    pin_memory=pin_memory, generator=torch.Generator(), **kwargs)
+    loader.set_epoch(0)
+    return loader

@@ -72,6 +72,29 @@ def gripper_bce(logits: torch.Tensor, actions: torch.Tensor, action_mask: torch.
 
 
 @torch.no_grad()
+def action_errors(predicted: torch.Tensor, actions: torch.Tensor, action_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Errors of predicted actions [B, T, C, A] (gripper last: >= 0.5 is "open") against the
+    targets, summed per window over its unmasked (t, c): ``count`` [B], ``l1`` and ``sq``
+    [B, A-1] (per arm dim), ``right`` [B] (gripper hits). The one place the masked arm and
+    gripper metrics are computed: training, validation and ``robo-run eval`` sum these."""
+    mask = action_mask.bool()
+    target = masked_targets(actions.float(), mask)
+    predicted = torch.where(mask[..., None], predicted.float(), torch.zeros((), device=target.device))
+    err = predicted[..., :-1] - target[..., :-1]
+    right = ((predicted[..., -1] >= 0.5) == (gripper_target(target) > 0.5)) & mask
+    return {"count": mask.sum((1, 2)).float(), "l1": err.abs().sum((1, 2)), "sq": err.square().sum((1, 2)),
+            "right": right.sum((1, 2)).float()}
+
+
+def error_metrics(errors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``arm_l1``, ``arm_mse`` (means over arm dims and unmasked positions) and
+    ``gripper_acc`` of :func:`action_errors`'s sums (over any leading dims)."""
+    n = errors["count"].sum().clamp(min=1)
+    return {"arm_l1": errors["l1"].sum() / errors["l1"].shape[-1] / n,
+            "arm_mse": errors["sq"].sum() / errors["sq"].shape[-1] / n, "gripper_acc": errors["right"].sum() / n}
+
+
+@torch.no_grad()
 def action_metrics(arm: torch.Tensor, gripper_open: torch.Tensor, actions: torch.Tensor,
                    action_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """``arm_l1`` (mean |arm - target| over dims, masked) and ``gripper_acc`` (masked).
@@ -79,10 +102,9 @@ def action_metrics(arm: torch.Tensor, gripper_open: torch.Tensor, actions: torch
     arm [B, T, C, A-1] are predicted arm actions; ``gripper_open`` bool [B, T, C] says
     whether the prediction is "open" (probability >= 0.5, i.e. logit >= 0).
     """
-    actions = masked_targets(actions, action_mask)
-    l1 = (arm - actions[..., :-1]).abs().mean(-1)
-    hit = (gripper_open.to(actions.dtype) == gripper_target(actions)).to(actions.dtype)
-    return {"arm_l1": masked_mean(l1, action_mask), "gripper_acc": masked_mean(hit, action_mask)}
+    predicted = torch.cat([arm.float(), gripper_open.float()[..., None]], -1)
+    metrics = error_metrics(action_errors(predicted, actions, action_mask))
+    return {"arm_l1": metrics["arm_l1"], "gripper_acc": metrics["gripper_acc"]}
 
 
 def combine(arm_loss: torch.Tensor, gripper_loss: torch.Tensor, gripper_weight: float,

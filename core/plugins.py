@@ -30,7 +30,7 @@ class PluginInfo:
     name: str  # "<distribution>:<entry point name>", the key in the plugin manager
     distribution: str
     version: str
-    entry_point: str  # "lstm = robovla_plugins.heads.lstm", as written in pyproject.toml
+    entry_point: str  # "heads = robovla_plugins.heads", as written in pyproject.toml
     module: str
     error: str | None = None
 

@@ -187,6 +187,22 @@ def _check_kind(kind: str) -> None:
         raise unknown("component kind", kind, KINDS)
 
 
+def active_plugins() -> str:
+    """The loaded plugins in one line, as pytest prints its own: each distribution with its
+    version and entry points, then any broken ones (``robo-run plugins`` says why)."""
+    loaded: dict[tuple[str, str], list[str]] = {}
+    broken = []
+    for info in plugins.infos().values():
+        entry = info.entry_point.split(" = ")[0]
+        if info.error is None:
+            loaded.setdefault((info.distribution, info.version), []).append(entry)
+        else:
+            broken.append(f"{info.distribution}:{entry}")
+    line = "plugins: " + (", ".join(f"{d}-{v} ({', '.join(sorted(e))})" for (d, v), e in sorted(loaded.items()))
+                          or "none")
+    return line + (f"; broken: {', '.join(sorted(broken))} (see robo-run plugins)" if broken else "")
+
+
 def list_components(kind: str, filter: str | list[str] = "*", exclude: str | list[str] = (),
                     distribution: str | None = None) -> list[str]:
     """Names of the usable components of ``kind`` matching ``filter`` (fnmatch), naturally sorted."""

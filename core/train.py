@@ -25,53 +25,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from robovla import checkpoint
 from robovla.config import RunConfig
+from robovla.logs import Logs, plot
 
 RUN_DIR_ENV = "ROBOVLA_RUN_DIR"  # how re-launched ranks learn the run folder the first one chose
 
 
-# --------------------------------------------------------------------------- building
-
-
-def open_dataset(run: RunConfig, split: str = "train") -> Any:
-    """The training split, or the validation split (``--train.val_path``; auto: the sibling
-    ``validation/`` folder), behind the frame cache unless ``--train.cache none``."""
-    import robovla
-    from robovla.frame_cache import CachedDataset
-
-    config = dict(run.dataset.config)
-    if split == "val":
-        val = run.train.val_path
-        if val == "none" or "path" not in config:
-            return None
-        path = Path(config["path"]).expanduser().parent / "validation" if val == "auto" else Path(val).expanduser()
-        if not path.is_dir():
-            if val == "auto":
-                return None
-            raise FileNotFoundError(f"--train.val_path {val}: no such folder")
-        config["path"] = path
-    source = robovla.create("dataset", run.dataset.name, config)
-    if run.train.cache == "none":
-        return source
-    folder = Path(config["path"]).expanduser() / "robovla_cache" if run.train.cache == "auto" \
-        else Path(run.train.cache).expanduser() / split
-    return CachedDataset(source, folder)
-
-
-def fit_action_space(space: Any, dataset: Any) -> None:
-    """One streaming pass over the annotated frames, block by block, for the space's statistics."""
-    from robovla.frame_cache import frame_blocks, merged_ranges
-
-    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for a, b in frame_blocks(merged_ranges(dataset.segments())):
-            frames = dataset.load(a, b)
-            yield frames.actions[space.source], frames.robot_obs
-
-    space.fit(blocks())
+# ----------------------------------------------------------------------- optimization
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -92,82 +55,6 @@ def lr_scale(step: int, warmup: int, total: int, kind: str, floor: float) -> flo
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------- logging
-
-
-class Logs:
-    """metrics.csv always; TensorBoard and W&B when installed (null objects otherwise)."""
-
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, wandb_project: str | None):
-        self.enabled, self.file, self.tb, self.wandb = enabled, run_dir / "metrics.csv", None, None
-        if not enabled:
-            return
-        rows = self.file.read_text().splitlines() if self.file.is_file() else ["step,split,key,value"]
-        if resume_step is not None:  # rows past the checkpoint are recomputed by the resumed run
-            rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= resume_step]
-        self.file.write_text("\n".join(rows) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
-        if wandb_project:
-            import wandb
-
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), name=run_dir.name, resume="allow")
-
-    def log(self, step: int, split: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.file, "a") as f:
-            f.writelines(f"{step},{split},{k},{v:.8g}\n" for k, v in values.items())
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-        if self.wandb is not None:
-            self.wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def plot(run_dir: Path) -> Path | None:
-    """loss.png in the run folder: training and validation loss, and the learning rate."""
-    rows = [r.split(",") for r in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def series(split: str, key: str) -> tuple[list[int], list[float]]:
-        points = [(int(s), float(v)) for s, sp, k, v in rows if sp == split and k == key]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    fig, (ax, lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    for split, style in (("train", "-"), ("val", "o-")):
-        x, y = series(split, "loss")
-        if x:
-            ax.plot(x, y, style, label=f"{split} loss")
-    ax.set_yscale("log")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.set_title(run_dir.name)
-    x, y = series("train", "lr")
-    lr.plot(x, y)
-    lr.set_ylabel("learning rate")
-    lr.set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    return run_dir / "loss.png"
 
 
 # ---------------------------------------------------------------------------- signals
@@ -206,6 +93,31 @@ class Interrupted(Exception):
 # ------------------------------------------------------------------------------- loop
 
 
+@dataclass
+class Session:
+    """What one process's training loop reads and advances (:func:`setup` builds it)."""
+
+    fabric: Any
+    run: RunConfig
+    run_dir: Path
+    vla: Any  # the model as built: its head computes losses and actions
+    model: Any  # the same model as Fabric wrapped it (devices, precision, distribution)
+    optimizer: Any
+    loader: Any
+    val_loader: Any | None
+    logs: Logs
+    steps_per_epoch: int
+    total: int  # optimizer steps of the whole run
+    warmup: int
+    sharded: bool  # FSDP or DeepSpeed: every process saves its shard
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    consumed: int = 0  # batches of this epoch already trained on (what a resumed run skips)
+    trained_before: float = 0.0  # seconds of training before the run was resumed
+    started: float = field(default_factory=time.perf_counter)
+    validated: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest validation
+
+
 def run_dir_for(run: RunConfig) -> Path:
     """The run folder: --train.run_name, or <backbone>-<head>-<date>-<time>, under output_dir."""
     chosen = os.environ.get(RUN_DIR_ENV)
@@ -216,7 +128,8 @@ def run_dir_for(run: RunConfig) -> Path:
 
 
 def train(run: RunConfig, config_text: str, resume: Path | None = None, progress: bool = True) -> Path:
-    """Train ``run``; ``config_text`` is its resolved TOML (saved as config.toml). Returns the run folder."""
+    """Train ``run``; ``config_text`` is its resolved TOML (saved as config.toml). Returns the run
+    folder. With ``--train.eval_env`` the saved model is then evaluated in closed loop."""
     from lightning_fabric import Fabric
 
     f = run.fabric
@@ -234,14 +147,34 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
-    return Path(result) if result else run_dir
+    run_dir = Path(result) if result else run_dir
+    if run.train.eval_env and fabric.is_global_zero:  # the strategy is done: read back what it saved
+        evaluate_run(run, run_dir, device="cuda" if fabric.device.type == "cuda" else "cpu")
+    return run_dir
 
 
 def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool, progress: bool) -> str:
+    s = setup(fabric, run, config_text, run_dir, resuming)
+    stopped = fit(s, progress)
+    check_replicas(s)
+    save(s)
+    if stopped is not None:
+        s.logs.close()
+        raise Interrupted(stopped, run_dir, s.step)
+    final = s.validated[1] if s.validated and s.validated[0] == s.step else validate(s)
+    if fabric.is_global_zero and final:
+        fabric.print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    s.logs.close()
+    if fabric.is_global_zero:
+        plot(run_dir)
+    return str(run_dir)
+
+
+def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool) -> Session:
+    """The run folder, model, data, optimizer and schedule of this process; a resumed run's
+    weights, optimizer state, position and RNG states."""
     import robovla
-    from robovla.loader import Preprocess, make_loader
-    from robovla.vla import build as build_vla
-    from robovla.windows import WindowDataset
+    from robovla.vla import build
 
     t = run.train
     if t.threads:
@@ -253,198 +186,223 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
         checkpoint.clean(run_dir)
         if not resuming:
             (run_dir / "config.toml").write_text(config_text)
+        fabric.print(robovla.registry.active_plugins())
     fabric.barrier()
-
-    vla = build_vla(run, init=not resuming)  # a resumed run's checkpoint holds every weight
+    vla = build(run, init=not resuming)  # a resumed run's checkpoint holds every weight
     if fabric.is_global_zero:
         fabric.print("\n".join(robovla.finetune.summary(vla)))
-    space = robovla.create("action_space", run.action_space.name, run.action_space.config)
-    train_data = open_dataset(run, "train")
-    stats_file = run_dir / "action_stats.json"
-    if resuming and stats_file.is_file():
-        space.load_state_dict(json.loads(stats_file.read_text()))
+    loader, val_loader = loaders(fabric, run, vla, run_dir, resuming)
+    optimizer = torch.optim.AdamW(parameter_groups(vla, t.weight_decay), lr=t.lr)
+    steps_per_epoch = len(loader) // t.grad_accum
+    sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
+    folder = checkpoint.last(run_dir) if resuming else None
+    state = checkpoint.load(folder, vla, optimizer) if folder and not sharded else None
+    model, optimizer = fabric.setup(vla, optimizer)
+    model.mark_forward_method("loss")
+    if folder and sharded:
+        fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
+        state = json.loads((folder / checkpoint.STATE).read_text())
+    s = Session(fabric, run, run_dir, vla, model, optimizer, loader, val_loader,
+                Logs.open(run_dir, fabric.is_global_zero, state["step"] if state else None, t.wandb_project),
+                steps_per_epoch, total=t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)),
+                warmup=round(t.warmup_epochs * steps_per_epoch) + t.warmup_steps, sharded=sharded)
+    if state is None:
+        torch.manual_seed(t.seed + fabric.global_rank)
+        return s
+    s.step, s.epoch, s.consumed = state["step"], state["epoch"], state["batch"]
+    s.trained_before = state.get("train_seconds", 0.0)
+    if not checkpoint.load_rng(folder, fabric.global_rank, fabric.device):
+        fabric.print(f"note: {folder} holds no RNG state for process {fabric.global_rank} (it was saved by "
+                     f"{state.get('world_size')}); that process starts a fresh stream, so the run is not bit-exact")
+        torch.manual_seed(t.seed + fabric.global_rank + s.step)
+    return s
+
+
+def loaders(fabric: Any, run: RunConfig, vla: Any, run_dir: Path, resuming: bool) -> tuple[Any, Any | None]:
+    """The training loader and the validation loader (None without a validation split), each
+    process reading its share; the action space fitted once and saved as action_stats.json."""
+    import robovla
+    from robovla.data import action_space, open_dataset
+    from robovla.loader import Preprocess, make_loader
+    from robovla.windows import WindowDataset
+
+    t = run.train
+    data = open_dataset(run, "train")
+    stats = run_dir / "action_stats.json"
+    if resuming and stats.is_file():
+        space = robovla.create("action_space", run.action_space.name, run.action_space.config)
+        space.load_state_dict(json.loads(stats.read_text()))
     else:
-        fit_action_space(space, train_data)
+        space = action_space(run, data)
         if fabric.is_global_zero:
-            stats_file.write_text(json.dumps(space.state_dict(), indent=2))
-    windows = WindowDataset(train_data, space, t.window, t.chunk)
+            stats.write_text(json.dumps(space.state_dict(), indent=2))
+    windows = WindowDataset(data, space, t.window, t.chunk)
     if len(windows) < t.batch_size * fabric.world_size:
         raise ValueError(f"{len(windows)} training windows are fewer than one global batch "
                          f"({t.batch_size} x {fabric.world_size}); lower --train.batch_size")
-    pre = Preprocess.for_backbone(vla.backbone, train=t.augment)
-    # The loader gets its own generator so that starting it draws nothing from the global RNG:
-    # dropout then sees the same random numbers whether or not the run was resumed mid-epoch.
-    loader = make_loader(windows, t.batch_size, preprocess=pre, seed=t.seed, num_workers=t.num_workers,
-                         rank=fabric.global_rank, world_size=fabric.world_size,
-                         pin_memory=fabric.device.type == "cuda", generator=torch.Generator().manual_seed(t.seed))
+    share = {"num_workers": t.num_workers, "rank": fabric.global_rank, "world_size": fabric.world_size}
+    loader = make_loader(windows, t.batch_size, preprocess=Preprocess.for_backbone(vla.backbone, train=t.augment),
+                         seed=t.seed, pin_memory=fabric.device.type == "cuda", **share)
     val_data = open_dataset(run, "val")
     val_loader = None if val_data is None else make_loader(
         WindowDataset(val_data, space, t.window, t.chunk), t.batch_size,
-        preprocess=Preprocess.for_backbone(vla.backbone, train=False), shuffle=False,
-        num_workers=t.num_workers, rank=fabric.global_rank, world_size=fabric.world_size, drop_last=False,
-        generator=torch.Generator().manual_seed(t.seed))
+        preprocess=Preprocess.for_backbone(vla.backbone, train=False), shuffle=False, drop_last=False,
+        seed=t.seed, **share)
+    return loader, val_loader
 
-    optimizer = torch.optim.AdamW(parameter_groups(vla, t.weight_decay), lr=t.lr)
-    steps_per_epoch = len(loader) // t.grad_accum
-    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    warmup = round(t.warmup_epochs * steps_per_epoch) + t.warmup_steps
-    step, epoch, consumed, trained_before = 0, 0, 0, 0.0
-    sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
-    if resuming and not sharded:
-        state = checkpoint.load(checkpoint.last(run_dir), vla, optimizer)
-    model, optimizer = fabric.setup(vla, optimizer)
-    model.mark_forward_method("loss")
-    if resuming and sharded:
-        folder = checkpoint.last(run_dir)
-        fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
-        state = json.loads((folder / checkpoint.STATE).read_text())
-    if resuming:
-        step, epoch, consumed = state["step"], state["epoch"], state["batch"]
-        trained_before = state.get("train_seconds", 0.0)
-        checkpoint.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(t.seed + fabric.global_rank)
 
-    logs = Logs(run_dir, fabric.is_global_zero, step if resuming else None, t.wandb_project)
-
-    def save() -> None:
-        state = {"epoch": epoch, "batch": consumed, "world_size": fabric.world_size,
-                 "steps_per_epoch": steps_per_epoch,
-                 "train_seconds": trained_before + time.perf_counter() - started}
-        if sharded:  # every process writes its shard into the same temporary folder
-            tmp = checkpoint.begin(run_dir, step) if fabric.is_global_zero else None
-            tmp = fabric.broadcast(tmp)
-            fabric.save(tmp / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
-            fabric.barrier()
-            if fabric.is_global_zero:
-                checkpoint.commit(run_dir, step, tmp, state)
-        elif fabric.is_global_zero:
-            checkpoint.save(run_dir, step, vla, optimizer, state, lora=run.lora.enabled)
-        fabric.barrier()
-
-    def validate() -> dict[str, float]:
-        if val_loader is None:
-            return {}
-        model.eval()
-        sampling = torch.Generator(device=fabric.device).manual_seed(t.seed)
-        sums: dict[str, float] = {}
-        n = 0
-        with torch.no_grad():
-            for i, batch in enumerate(val_loader):
-                if t.val_batches is not None and i >= t.val_batches:
-                    break
-                batch = batch.to(fabric.device)
-                prediction = model(batch)
-                loss, metrics = vla.head.loss(prediction, batch.actions, batch.action_mask)
-                actions = vla.head.actions(prediction, generator=sampling)  # sampling heads: fixed noise
-                values = {"loss": loss, **metrics, "arm_mse": arm_mse(actions, batch)}
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
-        model.train()
-        reduced = fabric.all_reduce(torch.tensor([sums[k] for k in sorted(sums)] + [n], dtype=torch.float64),
-                                    reduce_op="sum")
-        result = {k: float(reduced[i] / max(1, reduced[-1])) for i, k in enumerate(sorted(sums))}
-        logs.log(step, "val", result)
-        return result
-
+def fit(s: Session, progress: bool = True) -> int | None:
+    """Train until the last step, the time budget or a signal; returns the signal, if one came."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=step, disable=not (progress and fabric.is_global_zero), unit="step",
+    t = s.run.train
+    bar = tqdm(total=s.total, initial=s.step, disable=not (progress and s.fabric.is_global_zero), unit="step",
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
-    model.train()
-    global_batch = t.batch_size * fabric.world_size * t.grad_accum
-    started = last_time = time.perf_counter()
-    stopped = None
-    deadline = None if t.max_minutes is None else last_time + 60 * t.max_minutes
+    s.model.train()
+    s.started = time.perf_counter()
+    deadline = None if t.max_minutes is None else s.started + 60 * t.max_minutes
     with Stop().installed() as stop:
-        while step < total and stop.signal is None:
-            loader.set_epoch(epoch)
-            loader.batch_sampler.skip = consumed  # resuming mid-epoch: the batches already trained on
-            batches, exhausted = iter(loader), False
-            while step < total and stop.signal is None:
-                micro = []
-                try:
-                    while len(micro) < t.grad_accum:
-                        micro.append(next(batches))
-                except StopIteration:
-                    exhausted = True  # an incomplete accumulation at the epoch end is dropped
-                    break
-                except Exception:  # e.g. workers hit by the same Ctrl-C: stop at the last complete step
-                    if stop.signal is None:
-                        raise
-                    break
-                for group in optimizer.param_groups:
-                    group["lr"] = t.lr * lr_scale(step, warmup, total, t.schedule, t.min_lr_scale)
-                losses, metrics = [], {}
-                for i, batch in enumerate(micro):
-                    with fabric.no_backward_sync(model, enabled=i < len(micro) - 1):
-                        loss, parts = model.loss(batch.to(fabric.device))
-                        fabric.backward(loss / len(micro))
-                    losses.append(float(loss.detach()))
-                    for k, v in parts.items():
-                        metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro)
-                if t.grad_clip is not None:
-                    metrics["grad_norm"] = float(fabric.clip_gradients(model, optimizer, max_norm=t.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, consumed = step + 1, consumed + len(micro)
-                now = time.perf_counter()
-                speed, last_time = global_batch / max(now - last_time, 1e-9), now
-                loss_value, lr = sum(losses) / len(losses), optimizer.param_groups[0]["lr"]
-                if step % t.log_every == 0 or step == total:
-                    logs.log(step, "train", {"loss": loss_value, "lr": lr, **metrics, "samples_per_s": speed})
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
-                bar.update(1)
-                if t.val_every and step % t.val_every == 0:
-                    validate()
-                if step % t.checkpoint_every == 0:
-                    save()
-                if deadline is not None and fabric.broadcast(time.perf_counter() > deadline):
-                    total = step  # the time budget is spent: finish as if this were the last step
+        while s.step < s.total and stop.signal is None:
+            s.loader.set_epoch(s.epoch)
+            s.loader.batch_sampler.skip = s.consumed  # resuming mid-epoch: the batches already trained on
+            batches = iter(s.loader)
+            exhausted = fit_epoch(s, batches, stop, bar, deadline)
             del batches  # shut its workers down before the next epoch starts new ones
             if exhausted:
-                epoch, consumed = epoch + 1, 0
-                if not t.val_every and step < total:
-                    validate()
-        stopped = stop.signal
+                s.epoch, s.consumed = s.epoch + 1, 0
+                if not t.val_every and s.step < s.total:
+                    validate(s)
     bar.close()
-    if fabric.world_size > 1:  # replicas must hold the same weights; a silent divergence would waste the run
-        total_sum = torch.stack([p.detach().double().sum() for p in vla.parameters()]).sum()
-        sums = fabric.all_gather(total_sum)
-        if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0):
-            raise RuntimeError(f"the {fabric.world_size} processes ended with different weights: {sums.tolist()}")
-    save()
-    if stopped is not None:
-        logs.close()
-        raise Interrupted(stopped, run_dir, step)
-    final = validate()
+    return stop.signal
+
+
+def fit_epoch(s: Session, batches: Iterator[Any], stop: Stop, bar: Any, deadline: float | None) -> bool:
+    """Optimizer steps over the rest of one epoch; returns whether the epoch's batches ran out."""
+    t, fabric = s.run.train, s.fabric
+    global_batch = t.batch_size * fabric.world_size * t.grad_accum
+    last_time = time.perf_counter()
+    while s.step < s.total and stop.signal is None:
+        micro = []
+        try:
+            while len(micro) < t.grad_accum:
+                micro.append(next(batches))
+        except StopIteration:
+            return True  # an incomplete accumulation at the epoch end is dropped
+        except Exception:  # e.g. workers hit by the same Ctrl-C: stop at the last complete step
+            if stop.signal is None:
+                raise
+            return False
+        loss, metrics = train_step(s, micro)
+        now = time.perf_counter()
+        speed, last_time = global_batch / max(now - last_time, 1e-9), now
+        lr = s.optimizer.param_groups[0]["lr"]
+        if s.step % t.log_every == 0 or s.step == s.total:
+            s.logs.log(s.step, "train", {"loss": loss, "lr": lr, **metrics, "samples_per_s": speed})
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
+        bar.update(1)
+        if t.val_every and s.step % t.val_every == 0:
+            validate(s)
+        if s.step % t.checkpoint_every == 0:
+            save(s)
+        if deadline is not None and fabric.broadcast(time.perf_counter() > deadline):
+            s.total = s.step  # the time budget is spent: finish as if this were the last step
+    return False
+
+
+def train_step(s: Session, micro: list[Any]) -> tuple[float, dict[str, float]]:
+    """One optimizer step over the micro-batches ``micro`` (gradient accumulation); returns
+    the mean loss and the mean of each loss term and metric."""
+    t, fabric = s.run.train, s.fabric
+    for group in s.optimizer.param_groups:
+        group["lr"] = t.lr * lr_scale(s.step, s.warmup, s.total, t.schedule, t.min_lr_scale)
+    losses, metrics = [], {}
+    for i, batch in enumerate(micro):
+        with fabric.no_backward_sync(s.model, enabled=i < len(micro) - 1):
+            loss, parts = s.model.loss(batch.to(fabric.device))
+            fabric.backward(loss / len(micro))
+        losses.append(float(loss.detach()))
+        for k, v in parts.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v) / len(micro)
+    if t.grad_clip is not None:
+        metrics["grad_norm"] = float(fabric.clip_gradients(s.model, s.optimizer, max_norm=t.grad_clip))
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step, s.consumed = s.step + 1, s.consumed + len(micro)
+    return sum(losses) / len(losses), metrics
+
+
+def validate(s: Session) -> dict[str, float]:
+    """Mean loss, metrics and arm MSE over the validation batches, across processes; logged."""
+    from robovla.losses import action_errors, error_metrics
+
+    if s.val_loader is None:
+        return {}
+    t, fabric, head = s.run.train, s.fabric, s.vla.head
+    s.model.eval()
+    sampling = torch.Generator(device=fabric.device).manual_seed(t.seed)  # sampling heads: the same noise
+    sums: dict[str, float] = {}
+    n = 0
+    with torch.no_grad():
+        for i, batch in enumerate(s.val_loader):
+            if t.val_batches is not None and i >= t.val_batches:
+                break
+            batch = batch.to(fabric.device)
+            prediction = s.model(batch)
+            loss, metrics = head.loss(prediction, batch.actions, batch.action_mask)
+            errors = action_errors(head.actions(prediction, generator=sampling), batch.actions, batch.action_mask)
+            for k, v in {"loss": loss, **metrics, "arm_mse": error_metrics(errors)["arm_mse"]}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+    s.model.train()
+    keys = sorted(sums)
+    reduced = fabric.all_reduce(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64), reduce_op="sum")
+    result = {k: float(reduced[i] / max(1, reduced[-1])) for i, k in enumerate(keys)}
+    s.logs.log(s.step, "val", result)
+    s.validated = (s.step, result)
+    return result
+
+
+def save(s: Session) -> None:
+    """Checkpoint ``s.step``: every process writes its RNG states (and under FSDP/DeepSpeed its
+    shard) into one temporary folder, which the first process completes and commits."""
+    fabric = s.fabric
+    state = {"epoch": s.epoch, "batch": s.consumed, "world_size": fabric.world_size,
+             "steps_per_epoch": s.steps_per_epoch,
+             "train_seconds": s.trained_before + time.perf_counter() - s.started}
+    tmp = fabric.broadcast(checkpoint.begin(s.run_dir, s.step) if fabric.is_global_zero else None)
+    checkpoint.save_rng(tmp, fabric.global_rank, fabric.device)
+    if s.sharded:
+        fabric.save(tmp / checkpoint.SHARDED, {"model": s.model, "optimizer": s.optimizer})
+    fabric.barrier()
     if fabric.is_global_zero:
-        if final:
-            fabric.print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-        logs.close()
-        plot(run_dir)
-        if t.eval_env:
-            evaluate_run(run, vla, space, run_dir)
-    return str(run_dir)
+        if not s.sharded:
+            checkpoint.write_model(tmp, s.vla, s.optimizer, lora=s.run.lora.enabled)
+        checkpoint.commit(s.run_dir, s.step, tmp, state)
+    fabric.barrier()
 
 
-def arm_mse(actions: torch.Tensor, batch: Any) -> torch.Tensor:
-    """Masked mean squared error of the predicted arm actions [B, T, C, A-1] (normalized)."""
-    mask = batch.action_mask.bool()
-    diff = (actions[..., :-1] - batch.actions[..., :-1]).float()
-    return (diff.square().mean(-1) * mask).sum() / mask.sum().clamp(min=1)
+def check_replicas(s: Session) -> None:
+    """Replicas must hold the same weights; a silent divergence would waste the run."""
+    if s.fabric.world_size == 1 or s.sharded:
+        return
+    total = torch.stack([p.detach().double().sum() for p in s.vla.parameters()]).sum()
+    sums = s.fabric.all_gather(total)
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-9, atol=0):
+        raise RuntimeError(f"the {s.fabric.world_size} processes ended with different weights: {sums.tolist()}")
 
 
-def evaluate_run(run: RunConfig, vla: Any, space: Any, run_dir: Path) -> dict[str, Any]:
-    """Closed-loop evaluation in ``--train.eval_env``; prints the success rate, writes eval.json."""
+def evaluate_run(run: RunConfig, run_dir: Path, device: str = "cpu") -> dict[str, Any]:
+    """Closed-loop evaluation of the run's saved model in ``--train.eval_env``, read back through
+    :meth:`robovla.Policy.from_run` like any later evaluation; prints the success rate,
+    writes eval.json."""
     import robovla
     from robovla.rollout import evaluate
 
     t = run.train
+    policy = robovla.Policy.from_run(run_dir, device=device)
     env = robovla.create("env", t.eval_env, {})
     try:
-        report = evaluate(robovla.Policy(vla, space), env, episodes=t.eval_episodes, seed=t.eval_seed)
+        report = evaluate(policy, env, episodes=t.eval_episodes, seed=t.eval_seed)
     finally:
         env.close()
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2))

@@ -9,8 +9,8 @@ import torch
 
 import robovla
 from robovla.frame_cache import CachedDataset, is_current
-from robovla.loader import Preprocess, ShardedSampler, make_loader, random_shift, resize
-from robovla.windows import WindowDataset
+from robovla.loader import Preprocess, ShardedSampler, make_loader, resize
+from robovla.windows import Window, WindowDataset
 
 from calvin_files import FIRST, write_split
 
@@ -62,16 +62,24 @@ def test_cache_is_rebuilt_when_the_source_changes(split, tmp_path):
     assert not is_current(source, tmp_path / "cache")
 
 
-def test_random_shift_is_an_edge_padded_crop_per_frame():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (8, 20, 20, 3), dtype=np.uint8)
-    shifted = random_shift(images, 4, np.random.default_rng(1))
+def shifted(images: np.ndarray, pad: int, seed: int) -> np.ndarray:
+    """The gripper frames of a window after the training shift of ``pad`` px."""
+    t = len(images)
+    window = Window(images={"gripper": images}, instruction="x", robot_obs=np.zeros((t, 15), np.float32),
+                    actions=np.zeros((t, 1, 7), np.float32), action_mask=np.ones((t, 1), bool),
+                    frame_mask=np.ones(t, bool))
+    return Preprocess(shift={"gripper": pad})(window, np.random.default_rng(seed)).images["gripper"]
+
+
+def test_the_training_shift_is_an_edge_padded_crop_per_frame():
+    images = np.random.default_rng(0).integers(0, 255, (8, 20, 20, 3), dtype=np.uint8)
+    out = shifted(images, 4, seed=1)
     dy, dx = np.random.default_rng(1).integers(0, 9, size=(2, 8))
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)), mode="edge")
     for t in range(8):
-        np.testing.assert_array_equal(shifted[t], padded[t, dy[t]: dy[t] + 20, dx[t]: dx[t] + 20])
+        np.testing.assert_array_equal(out[t], padded[t, dy[t]: dy[t] + 20, dx[t]: dx[t] + 20])
     assert len({(a, b) for a, b in zip(dy, dx)}) > 1  # drawn per frame
-    assert random_shift(images, 0, rng) is images
+    np.testing.assert_array_equal(shifted(images, 0, seed=1), images)
 
 
 def test_resize_keeps_uint8_and_values():
@@ -199,4 +207,4 @@ def test_loader_reuses_a_batch_buffer_only_once_nothing_holds_it(split, workers)
 
 def test_a_shift_larger_than_the_image_is_refused():
     with pytest.raises(ValueError, match="does not fit a 6x6 image"):
-        random_shift(np.zeros((1, 6, 6, 3), np.uint8), 8, np.random.default_rng(0))
+        shifted(np.zeros((1, 6, 6, 3), np.uint8), 8, seed=0)

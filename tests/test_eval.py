@@ -32,7 +32,7 @@ def test_offline_and_long_horizon_reports(run, capsys):
     offline = json.loads((folder / "offline.json").read_text())
     # the same numbers as the head's own loss and metrics on the whole split in one batch
     policy = Policy.from_run(run)
-    from robovla.train import open_dataset
+    from robovla.data import open_dataset
     from robovla import config as cfg
 
     config = cfg.resolve(cfg.NONE, run / "config.toml", [("train.val_path", "auto")])

@@ -125,7 +125,8 @@ def start(argv: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll ``predicate`` while ``proc`` runs; ``timeout`` only bounds a hung run."""
     end = time.time() + timeout
     while not predicate():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -189,21 +190,22 @@ while True:
 def test_sigkill_while_writing_never_leaves_last_at_an_incomplete_checkpoint(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(KILLER)
-    for delay in (0.9, 1.3, 1.7, 2.2, 2.6):  # lands at different moments of a write
+    for fraction in (0.1, 0.3, 0.5, 0.7, 0.9):  # lands at different moments of a write
         proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], env=clean_env(),
                                 stdout=subprocess.PIPE, text=True)
-        time.sleep(delay)
+        assert proc.stdout.readline(), "the writer died before its first save"  # a line: a save completed
+        began = time.perf_counter()
+        assert proc.stdout.readline(), "the writer died"
+        time.sleep(fraction * (time.perf_counter() - began))  # a fraction of one write into the next
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if not (tmp_path / "run" / "checkpoints" / "last").exists():
-            continue  # killed before the first save completed: nothing claims to be complete
-        folder = checkpoint.last(tmp_path / "run")
+        proc.stdout.close()
+        folder = checkpoint.last(tmp_path / "run")  # at least two saves completed
         model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(16)])
         state = checkpoint.load(folder, model, torch.optim.AdamW(model.parameters()))
-        assert folder.name == f"step-{state['step']:06d}"
+        assert folder.name == f"step-{state['step']:06d}" and (folder / "rng-0.json").is_file()
         checkpoint.clean(tmp_path / "run")
         assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
-    assert (tmp_path / "run" / "checkpoints" / "last").exists()
 
 
 def test_two_process_ddp_on_cpu_splits_the_batch_and_keeps_ranks_equal(synth, tmp_path):
@@ -221,6 +223,32 @@ def test_two_process_ddp_on_cpu_splits_the_batch_and_keeps_ranks_equal(synth, tm
     # compared inside the run, which fails if they differ)
     assert two["steps_per_epoch"] == one["steps_per_epoch"] // 2 and two["step"] == two["steps_per_epoch"]
     assert math.isfinite(losses(tmp_path / "d2", "val")[two["step"]])
+
+
+def test_two_process_sigkill_then_resume_gives_the_uninterrupted_losses(synth, tmp_path):
+    # tiny Kosmos-2 has dropout, drawn differently on each rank: every rank's RNG state must come back
+    argv = [*tiny("backbone", "kosmos"), "--head", "lstm", "--head.hidden_size", "32", "--head.num_layers", "1",
+            "--dataset.path", str(synth), *TINY, "--train.max_steps", "12", "--train.checkpoint_every", "4",
+            "--train.val_path", "none", "--fabric.devices", "2", "--fabric.strategy", "ddp_spawn",
+            "--train.output_dir", str(tmp_path)]
+    whole = subprocess.run([str(ROBO_RUN), *argv, "--train.run_name", "whole"], cwd=tmp_path, env=clean_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    killed = subprocess.Popen([str(ROBO_RUN), *argv, "--train.run_name", "killed"], cwd=tmp_path, env=clean_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: (run / "checkpoints" / "last").exists() and checkpoint.last(run).name >= "step-000004", killed)
+    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    killed.wait()
+    folder = checkpoint.last(run)
+    assert 4 <= int(folder.name.split("-")[1]) < 12
+    assert sorted(p.name for p in folder.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
+    resumed = subprocess.run([str(ROBO_RUN), "--resume", str(run)], cwd=tmp_path, env=clean_env(),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = losses(tmp_path / "whole"), losses(run)
+    assert sorted(got) == list(range(1, 13))
+    assert got == expected  # step by step, to the digit
 
 
 def test_resume_refuses_other_flags_and_missing_folders(tmp_path, capsys):

@@ -1,0 +1,74 @@
+"""A run's data: its dataset splits (behind the frame cache) and its action space, fitted.
+
+Training, evaluation and the benches open data the same way, from a resolved
+:class:`robovla.config.RunConfig`:
+
+    train = open_dataset(run, "train")       # --dataset.path
+    val = open_dataset(run, "val")           # --train.val_path (auto: the sibling validation/)
+    space = action_space(run, train)         # fitted on the training frames
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from robovla.config import RunConfig
+from robovla.frame_cache import CACHE_DIR, CachedDataset, frame_blocks, merged_ranges
+
+
+def split_path(run: RunConfig, split: str) -> Path | None:
+    """The folder of ``split`` ("train" or "val"); None when the run has no validation split."""
+    path = dict(run.dataset.config).get("path")
+    if split == "train" or path is None:
+        return None if path is None else Path(path).expanduser()
+    val = run.train.val_path
+    if val == "none":
+        return None
+    if val == "auto":
+        sibling = Path(path).expanduser().parent / "validation"
+        return sibling if sibling.is_dir() else None
+    if not Path(val).expanduser().is_dir():
+        raise FileNotFoundError(f"--train.val_path {val}: no such folder")
+    return Path(val).expanduser()
+
+
+def open_dataset(run: RunConfig, split: str = "train") -> Any:
+    """The training split, or the validation split (None when there is none), behind the
+    frame cache unless ``--train.cache none``."""
+    import robovla
+
+    config = dict(run.dataset.config)
+    path = split_path(run, split)
+    if split == "val":
+        if path is None:
+            return None
+        config["path"] = path
+    source = robovla.create("dataset", run.dataset.name, config)
+    if run.train.cache == "none":
+        return source
+    folder = Path(config["path"]).expanduser() / CACHE_DIR if run.train.cache == "auto" \
+        else Path(run.train.cache).expanduser() / split
+    return CachedDataset(source, folder)
+
+
+def fit_action_space(space: Any, dataset: Any) -> None:
+    """One streaming pass over the annotated frames, block by block, for the space's statistics."""
+
+    def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for a, b in frame_blocks(merged_ranges(dataset.segments())):
+            frames = dataset.load(a, b)
+            yield frames.actions[space.source], frames.robot_obs
+
+    space.fit(blocks())
+
+
+def action_space(run: RunConfig, dataset: Any) -> Any:
+    """The run's action space, fitted on ``dataset``."""
+    import robovla
+
+    space = robovla.create("action_space", run.action_space.name, run.action_space.config)
+    fit_action_space(space, dataset)
+    return space

@@ -1,0 +1,138 @@
+"""A run's logs: metrics.csv always, TensorBoard and Weights & Biases when they are there,
+and loss.png drawn from metrics.csv.
+
+    metrics.csv   step,split,key,value   one row per logged value (split: train or val)
+
+Every destination is a sink with ``log`` and ``close``; one that is not installed or not
+asked for is simply absent, and processes other than the first log nothing, so the
+training loop calls :meth:`Logs.log` without asking who listens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+HEADER = "step,split,key,value"
+
+
+class Sink(Protocol):
+    def log(self, step: int, split: str, values: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CsvSink:
+    """Appends to metrics.csv. Resuming at ``resume_step`` drops the rows logged after it:
+    the resumed run logs those steps again."""
+
+    def __init__(self, file: Path, resume_step: int | None):
+        self.file = file
+        rows = file.read_text().splitlines() if file.is_file() else [HEADER]
+        if resume_step is not None:
+            rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= resume_step]
+        file.write_text("\n".join(rows) + "\n")
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        with open(self.file, "a") as f:
+            f.writelines(f"{step},{split},{k},{v:.8g}\n" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder))
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    def __init__(self, project: str, run_dir: Path):
+        import wandb
+
+        self.run = wandb.init(project=project, dir=str(run_dir), name=run_dir.name, resume="allow")
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        self.run.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Logs:
+    """Fans every logged row out to the sinks of this process (none on ranks other than 0)."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    @classmethod
+    def open(cls, run_dir: Path, writer: bool, resume_step: int | None = None,
+             wandb_project: str | None = None) -> Logs:
+        """The sinks of a run folder: metrics.csv, TensorBoard if installed, W&B if a project
+        is named. ``writer`` False (ranks other than 0): none."""
+        if not writer:
+            return cls([])
+        sinks: list[Sink] = [CsvSink(run_dir / "metrics.csv", resume_step)]
+        try:
+            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+        if wandb_project:
+            sinks.append(WandbSink(wandb_project, run_dir))
+        return cls(sinks)
+
+    def log(self, step: int, split: str, values: dict[str, float]) -> None:
+        for sink in self.sinks:
+            sink.log(step, split, values)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def read(run_dir: Path) -> list[tuple[int, str, str, float]]:
+    """metrics.csv's rows as (step, split, key, value)."""
+    rows = (Path(run_dir) / "metrics.csv").read_text().splitlines()[1:]
+    return [(int(s), split, k, float(v)) for s, split, k, v in (r.split(",") for r in rows)]
+
+
+def plot(run_dir: Path) -> Path | None:
+    """loss.png in the run folder: training and validation loss, and the learning rate."""
+    rows = read(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(split: str, key: str) -> tuple[list[int], list[float]]:
+        points = [(s, v) for s, sp, k, v in rows if sp == split and k == key]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (ax, lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
+    for split, style in (("train", "-"), ("val", "o-")):
+        x, y = series(split, "loss")
+        if x:
+            ax.plot(x, y, style, label=f"{split} loss")
+    ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title(Path(run_dir).name)
+    lr.plot(*series("train", "lr"))
+    lr.set_ylabel("learning rate")
+    lr.set_xlabel("optimizer step")
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
