@@ -56,8 +56,8 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from robovla.backbone import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT, TextTokens, pad_tokens
-from robovla_plugins.backbones.hf import PromptConfig, PromptedBackbone
+from robovla.backbone import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT
+from robovla_plugins.backbones.prompt import PromptConfig, PromptedBackbone
 
 PAD, BOS, EOS = 0, 1, 2  # ids of the special tokens; words take 3 .. vocab_buckets - 1
 WORD = re.compile(r"[a-z0-9]+")
@@ -160,6 +160,7 @@ class CNNPool(PromptedBackbone):
     attention pooling at [LRN] (module docstring: why)."""
 
     Config: ClassVar[type[CNNPoolConfig]] = CNNPoolConfig
+    pad_token_id = PAD
     test_config: ClassVar[dict[str, Any]] = {"cameras": ["gripper", "static"], "image_size": 32, "channels": [8, 16],
                                              "hidden_size": 32, "heads": 2, "vocab_buckets": 64}
 
@@ -188,9 +189,9 @@ class CNNPool(PromptedBackbone):
         """A word's token id: its CRC-32 hashed into the buckets after the special ids."""
         return 3 + zlib.crc32(word.encode()) % (self.config.vocab_buckets - 3)
 
-    def tokenize(self, instructions: list[str]) -> TextTokens:
-        return pad_tokens([[self.word_id(w) for w in WORD.findall(self.prompt_template.format(instruction=i).lower())]
-                           for i in instructions], PAD)
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """One id per word of each prompted instruction, in any case and punctuation."""
+        return [[self.word_id(w) for w in WORD.findall(text.lower())] for text in texts]
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)

@@ -17,8 +17,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from robovla_plugins.backbones.hf import (BackboneLoadError, PromptConfig, PromptedBackbone, char_tokenizer,
-                                          checkpointing, resolve)
+from robovla_plugins.backbones.hf import BackboneLoadError, char_tokenizer, checkpointing, resolve, token_ids
+from robovla_plugins.backbones.prompt import PromptConfig, PromptedBackbone
 
 SIZES = {  # (LM width, LM layers, encoder width, encoder layers, image px)
     "tiny": (64, 2, 32, 2, 32),
@@ -105,6 +105,9 @@ class Composite(PromptedBackbone):
                 return child, [f"{prefix}.{i}." for i in range(len(child))]
         raise TypeError(f"--backbone.language_model {self.config.language_model}: no list of decoder blocks in "
                         f"{type(base).__name__}")
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return token_ids(self.tokenizer, texts)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)

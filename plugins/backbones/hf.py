@@ -1,5 +1,7 @@
-"""What the Hugging Face backbones share: where the weights come from, random-init sizes with
-an offline tokenizer, image normalization and prompt tokenization.
+"""What the Hugging Face backbones share: where the weights come from (hub id or folder, and
+a quick failure offline), random-init sizes with an offline character-level tokenizer, text
+through a transformers tokenizer, activation checkpointing, and HFBackbone, the base of the
+backbones built on one transformers model class (Kosmos-2, PaLI-Gemma).
 
 ``--backbone.path`` is a hub id or a local folder written by ``save_pretrained`` (model and
 processor or tokenizer). ``--backbone.size tiny|small`` builds the real architecture at a
@@ -19,12 +21,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 
 import robovla
-from robovla.backbone import TextTokens
 from robovla.registry_file import checkpoints
+from robovla_plugins.backbones.prompt import PromptedBackbone
 
 
 class BackboneLoadError(robovla.RobovlaError, OSError):
@@ -48,19 +49,6 @@ class HFConfig(robovla.ComponentConfig):
     resize: Literal["bicubic", "bilinear"] = Field(
         "bicubic", description="how camera images are resized to the model's input size: bicubic (PIL's, as the "
                                "model's own image processor and RoboVLMs resize) or bilinear (antialiased)")
-
-
-class PromptConfig(robovla.ComponentConfig):
-    """A configurable prompt; subclasses set its default."""
-
-    prompt: str = Field("{instruction}", description="how an instruction is worded; must contain {instruction}")
-
-    @field_validator("prompt")
-    @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if "{instruction}" not in value:
-            raise ValueError(f"the prompt {value!r} has no {{instruction}} slot")
-        return value
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -123,27 +111,9 @@ def checkpointing(model: Any, enable: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-class PromptedBackbone(robovla.Backbone):
-    """Image normalization and prompt tokenization, for backbones with ``tokenizer``,
-    ``prompt_template``, ``image_size`` and ``mean``/``std`` buffers [1, 3, 1, 1]."""
-
-    tokenizer: Any
-
-    def preprocess_images(self, images: torch.Tensor, camera: str) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        if images.shape[1:3] != size and self.resize_filter == "bicubic":  # PIL's, on the CPU
-            from robovla.loader import resize
-
-            images = torch.from_numpy(resize(images.cpu().numpy(), self.image_size, "bicubic")).to(images.device)
-        x = images.permute(0, 3, 1, 2).float().div_(255)  # [M, 3, H, W]
-        if x.shape[-2:] != size:
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return (x - self.mean) / self.std
-
-    def tokenize(self, instructions: list[str]) -> TextTokens:
-        texts = [self.prompt_template.format(instruction=i.strip()) for i in instructions]
-        out = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        return TextTokens(out["input_ids"], out["attention_mask"].bool())
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's ids under a transformers tokenizer, without the special tokens it would add."""
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 class HFBackbone(PromptedBackbone):
@@ -152,6 +122,7 @@ class HFBackbone(PromptedBackbone):
     Config: ClassVar[type[HFConfig]] = HFConfig
     test_config: ClassVar[dict[str, Any]] = {"size": "tiny"}
     shared_vision = True  # one vision tower for every camera: the VLA encodes them in one pass
+    tokenizer: Any  # the transformers tokenizer (the offline character-level one at tiny and small sizes)
     family: ClassVar[str]  # the registered name, for registry.toml's checkpoints table
     model_class: ClassVar[str]  # transformers class name
     default_mean: ClassVar[tuple[float, float, float]]
@@ -214,6 +185,9 @@ class HFBackbone(PromptedBackbone):
             if "image_mean" in data and "image_std" in data:
                 return data["image_mean"], data["image_std"]
         return self.default_mean, self.default_std
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return token_ids(self.tokenizer, texts)
 
     def gradient_checkpointing(self, enable: bool = True) -> None:
         checkpointing(self.model, enable)
