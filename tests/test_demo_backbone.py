@@ -1,6 +1,9 @@
 """The demo's backbone, ``cnn-pool``: tokenizer, sequence handling, readout, training switches,
 and that it learns the synthetic reach task with the lstm head."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,8 @@ from robovla.loader import Preprocess, make_loader
 from robovla.backbone import ROLE_IMAGE, ROLE_LRN
 from robovla.vla import VLA
 from robovla.windows import WindowDataset
+
+from helpers import clean_env
 
 SMALL = {"image_size": 32, "channels": [8, 16], "hidden_size": 32, "heads": 2, "vocab_buckets": 64}
 INSTRUCTIONS = ["move to the red block", "Grasp the BLUE block, please!"]
@@ -40,6 +45,14 @@ def test_defaults_read_the_gripper_camera_with_the_documented_sizes():
     vision = conv + 64 * 128 + 128 + 100 * 128  # projection, 10x10 positions
     readout = 5 * (128 * 128 + 128) + (8 * 128 + 128) + 3 * 2 * 128 + (128 * 256 + 256 + 256 * 128 + 128)
     assert count == vision + 4096 * 128 + readout == 720_384
+
+
+def test_it_builds_without_hugging_face():
+    code = ("import sys, robovla; robovla.create('backbone', 'cnn-pool'); "
+            "print(*sorted(m for m in sys.modules if m.startswith(('transformers', 'robovla_plugins.backbones.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["robovla_plugins.backbones.cnn_pool", "robovla_plugins.backbones.prompt"]
 
 
 def test_words_hash_to_the_same_ids_in_any_case_and_punctuation():
