@@ -1,6 +1,6 @@
 """registry.toml: values, never code. Presets (named recipes), the default preset, and each
-first-party backbone's known checkpoints (hub id, image size, mean/std), in the way timm
-keeps its pretrained-config tables.
+first-party backbone's known checkpoints (hub id, image size, image tokens, mean/std), in
+the way timm keeps its pretrained-config tables.
 
 The file lives at the repository root; wheels carry it inside the ``robovla`` package.
 """
@@ -78,5 +78,5 @@ def default_preset() -> str | None:
 
 
 def checkpoints(backbone: str) -> dict[str, dict[str, Any]]:
-    """Known checkpoints of a first-party backbone: hub id -> image size, mean, std, ..."""
+    """Known checkpoints of a first-party backbone: hub id -> image_size, image_tokens, mean, std."""
     return load().get("checkpoints", {}).get(backbone, {})

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import robovla
-from robovla import finetune
+from robovla import finetune, registry_file
 from robovla.config import LoraConfig, TrainConfig
 from robovla.vla import VLA
 from robovla_plugins.backbones.hf import BackboneLoadError
@@ -40,6 +40,37 @@ def test_saved_folder_loads_through_path_with_the_same_lrn_states(name, tmp_path
     assert gap == 0.0
     assert again.backbone.tokenize(INSTRUCTIONS).ids.tolist() == vla.backbone.tokenize(INSTRUCTIONS).ids.tolist()
     assert torch.equal(again.backbone.mean, vla.backbone.mean) and again.backbone.image_size == 32
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_known_checkpoint_must_read_images_as_the_registry_says(name, tmp_path, monkeypatch):
+    """registry.toml's image_size and image_tokens of a checkpoint are checked when it loads;
+    its mean and std normalize the images."""
+    vla = make(name)
+    n = vla.backbone.image_tokens()
+    img = vla.backbone.encode_images(vla.backbone.preprocess_images(frames(vla)["static"].flatten(0, 1), "static"),
+                                     "static")
+    assert img.shape[1] == n  # N as encode_images gives it
+    folder = str(tmp_path / name)
+    vla.backbone.save_pretrained(folder)
+    table = {folder: {"image_size": 32, "image_tokens": n, "mean": [0.25] * 3, "std": [0.5] * 3}}
+    monkeypatch.setattr(registry_file, "checkpoints", lambda family: table if family == name else {})
+    loaded = robovla.create("backbone", name, {"path": folder})
+    assert loaded.mean.flatten().tolist() == [0.25] * 3 and loaded.std.flatten().tolist() == [0.5] * 3
+    table[folder].update(image_size=224, image_tokens=n + 1)
+    with pytest.raises(BackboneLoadError) as info:
+        robovla.create("backbone", name, {"path": folder})
+    message = str(info.value)
+    assert f'[checkpoints.{name}."{folder}"] in' in message and "registry.toml" in message
+    assert f"(image_size 224 there, 32 in the model; image_tokens {n + 1} there, {n} in the model)" in message
+    assert "hf download" in message
+    hub = robovla.get_component("backbone", name).load().Config().path  # the published architecture, random
+    table[hub] = {"image_size": 448}
+    with torch.device("meta"), pytest.raises(BackboneLoadError, match="image_size 448 there, 224 in the model.*"
+                                                                      "transformers' default"):
+        robovla.create("backbone", name, {"weights": "random"})
+    # at tiny size the table does not apply: the path is only where the full weights would come from
+    assert robovla.create("backbone", name, {"path": folder, "size": "tiny"}).image_size == 32
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -205,16 +236,20 @@ def test_composite_config_errors_are_clear():
         robovla.create("backbone", "composite", {"size": "tiny", "vision": "resnet18"})
 
 
-@pytest.mark.parametrize("name, total, per_layer, layers", [
-    # Kosmos-2: q, k, v, out 2048x2048; fc1 2048->8192, fc2 back; 24 layers
-    ("kosmos", 1_664_487_424, 4 * 64 * (2048 + 2048) + 2 * 64 * (2048 + 8192), 24),
-    # Gemma 2B: q 2048->2048, k and v 2048->256 (one KV head), o back; gate, up 2048->16384, down back
-    ("paligemma", 2_910_392_576, 2 * 64 * 4096 + 2 * 64 * (2048 + 256) + 3 * 64 * (2048 + 16384), 18)])
-def test_full_size_architectures_and_their_lora_counts(name, total, per_layer, layers):
+@pytest.mark.parametrize("name, total, per_layer, layers, n_image", [
+    # Kosmos-2: q, k, v, out 2048x2048; fc1 2048->8192, fc2 back; 24 layers; 64 latent queries
+    ("kosmos", 1_664_487_424, 4 * 64 * (2048 + 2048) + 2 * 64 * (2048 + 8192), 24, 64),
+    # Gemma 2B: q 2048->2048, k and v 2048->256 (one KV head), o back; gate, up 2048->16384, down back;
+    # SigLIP: (224 / 14)^2 patches
+    ("paligemma", 2_910_392_576, 2 * 64 * 4096 + 2 * 64 * (2048 + 256) + 3 * 64 * (2048 + 16384), 18, 256)])
+def test_full_size_architectures_and_their_lora_counts(name, total, per_layer, layers, n_image):
     for lora in (False, True):
         with torch.device("meta"):  # the published architecture, no memory
             vla = VLA(robovla.create("backbone", name, {"weights": "random"}), nn.Identity())
             finetune.setup(vla, TrainConfig(), LoraConfig(enabled=lora, r=64))
         trainable = sum(p.numel() for p in vla.parameters() if p.requires_grad)
         assert trainable == (per_layer * layers + 2048 if lora else total)  # 2048: [LRN]
+        bb = vla.backbone  # the published architecture reads images as registry.toml says
+        known = registry_file.checkpoints(name)[bb.config.path]
+        assert (bb.image_size, bb.image_tokens()) == (known["image_size"], known["image_tokens"]) == (224, n_image)
         assert finetune.summary(vla)[-1].split()[1] == f"{trainable:,}"

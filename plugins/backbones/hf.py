@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 import robovla
-from robovla.registry_file import checkpoints
+from robovla import registry_file
 from robovla_plugins.backbones.prompt import PromptedBackbone
 
 
@@ -133,6 +133,8 @@ class HFBackbone(PromptedBackbone):
         import transformers
 
         cls = getattr(transformers, self.model_class)
+        # what registry.toml knows of the checkpoint at path (its published architecture at size full)
+        known = registry_file.checkpoints(self.family).get(config.path, {}) if config.size == "full" else {}
         self.cameras = tuple(config.cameras)
         self.resize_filter = config.resize
         if config.size == "full" and config.weights == "pretrained":
@@ -151,7 +153,7 @@ class HFBackbone(PromptedBackbone):
             except OSError as exc:
                 raise BackboneLoadError(f"--backbone.path {config.path}: cannot load {self.model_class} and its "
                                         f"tokenizer ({exc})") from None
-            mean, std = self._normalization(source)
+            mean, std = self._normalization(source, known)
         else:
             self.tokenizer = self.make_tokenizer()
             self.model = cls._from_config(self.random_config(config.size, len(self.tokenizer)),
@@ -160,6 +162,7 @@ class HFBackbone(PromptedBackbone):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.image_size = int(self.model.config.vision_config.image_size)
+        self._check_known(known)
 
     # ----------------------------------------------------------------- per family
 
@@ -172,11 +175,34 @@ class HFBackbone(PromptedBackbone):
         """The transformers config of the architecture at ``size``: tiny or small, with the
         offline tokenizer's ``vocab_size``, or full, the published architecture."""
 
+    @abc.abstractmethod
+    def image_tokens(self) -> int:
+        """N: the image tokens :meth:`encode_images` gives per camera, from the model's config."""
+
     # --------------------------------------------------------------------- shared
 
-    def _normalization(self, source: str) -> tuple[Any, Any]:
-        known = checkpoints(self.family).get(self.config.path)
-        if known:
+    def _check_known(self, known: dict[str, Any]) -> None:
+        """Refuse a model that does not read images the way registry.toml says its checkpoint
+        does (image size and image tokens N decide the pixels and the sequence layout)."""
+        found = {"image_size": self.image_size, "image_tokens": self.image_tokens()}
+        wrong = [f"{key} {known[key]} there, {found[key]} in the model" for key in found
+                 if key in known and known[key] != found[key]]
+        if wrong:
+            path = self.config.path
+            if self.config.weights == "pretrained":
+                why = (f"its files are not the checkpoint published under that id. Download it again (`hf download "
+                       f"{path} --local-dir DIR`) and pass --backbone.path DIR, or give the folder of the weights "
+                       "you mean")
+            else:
+                why = (f"the installed transformers' default {self.model_class} config is no longer the published "
+                       "architecture (a transformers release that changed it?); with the checkpoint downloaded, "
+                       "--backbone.weights pretrained builds from its own config")
+            raise BackboneLoadError(
+                f"--backbone.path {path}: the {self.model_class} built from it does not match "
+                f"[checkpoints.{self.family}.\"{path}\"] in {registry_file.path()} ({'; '.join(wrong)}), so {why}")
+
+    def _normalization(self, source: str, known: dict[str, Any]) -> tuple[Any, Any]:
+        if "mean" in known and "std" in known:
             return known["mean"], known["std"]
         for name in ("preprocessor_config.json", "processor_config.json"):  # the latter: transformers 5's processor
             file = Path(source) / name

@@ -64,6 +64,9 @@ class Kosmos(HFBackbone):
                                num_attention_heads=4, image_size=image, patch_size=8),
             latent_query_num=queries)
 
+    def image_tokens(self) -> int:
+        return int(self.model.config.latent_query_num)  # the projection's latent queries
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.text_model.model.embed_tokens(ids)
 

@@ -84,6 +84,10 @@ class PaliGemma(HFBackbone):
                              eos_token_id=1),
             image_token_index=4, vocab_size=vocab_size, projection_dim=width, hidden_size=width)
 
+    def image_tokens(self) -> int:
+        vision = self.model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2  # one per SigLIP patch
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.get_input_embeddings()(ids)  # scaled by sqrt(D) inside
 
