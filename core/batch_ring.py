@@ -12,15 +12,38 @@ Safety: a block is free again only when nothing in the training process referenc
 storage any more (torch's storage use count; views and numpy arrays taken from a batch
 count too). A batch therefore stays valid for as long as it is held. When every block is
 held, the worker writes into a fresh block instead, which is as fast as a plain DataLoader.
+
+The use count is a private torch function (``torch._C._storage_Use_Count``). It is used
+only if it is there and counts as reuse needs (:func:`storage_use_count` checks both once);
+otherwise every batch is written into fresh memory, like an ordinary DataLoader's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # without it blocks are never reused
+
+def storage_use_count() -> Callable[[int], int] | None:
+    """torch's storage use count if this torch has it and it behaves as block reuse needs (a
+    view holds a reference, dropping the view releases it); None otherwise."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        block = torch.empty(4)
+        uses = lambda: count(block.untyped_storage()._cdata)  # noqa: E731
+        alone = uses()
+        view = block[:2]
+        held = uses()
+        del view
+        return count if held > alone == uses() else None
+    except Exception:  # a changed signature: fall back to fresh batches
+        return None
+
+
+_USE_COUNT = storage_use_count()  # None: blocks are never reused
 
 
 class Request(NamedTuple):

@@ -33,14 +33,30 @@ import numpy as np
 import torch
 
 from robovla import finetune
-from robovla.errors import RobovlaError
+from robovla.errors import ConfigError, RobovlaError
 
 CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json", "optimizer.pt", "model.safetensors"
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
+CONFIG, STATS = "config.toml", "action_stats.json"
 
 
 class CheckpointError(RobovlaError, FileNotFoundError):
     """A folder is not the checkpoint a command needs; the message says what it lacks."""
+
+
+class NotARunError(ConfigError, FileNotFoundError):
+    """A folder given as a run folder lacks what ``robo-run`` writes into one."""
+
+
+def run_config(run_dir: str | Path, what: str, header: str = "not a run folder", stats: bool = False) -> Path:
+    """The config.toml of run folder ``run_dir`` (and, with ``stats``, a check that its fitted
+    action space is there too), or :class:`NotARunError` naming ``what`` and what is missing."""
+    run_dir = Path(run_dir).expanduser()
+    missing = [name for name in (CONFIG, STATS)[:1 + stats] if not (run_dir / name).is_file()]
+    if missing:
+        raise NotARunError([f"{what}: no {' or '.join(missing)} there; give a run folder written by robo-run "
+                            "(runs/<name>)"], header=header)
+    return run_dir / CONFIG
 
 
 def _fsync(path: Path) -> None:

@@ -144,11 +144,9 @@ def cmd_train(argv: list[str]) -> int:
             extra = [f"--{k}" for k in run_args if k != "resume"] + [f"--{k}" for k, _ in flags]
             raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
                                "(start a new run to change the configuration)"], header="cannot resume")
-        config_file = Path(resume) / "config.toml"
-        if not config_file.is_file():
-            raise ConfigError([f"--resume {resume}: no config.toml there; give a run folder (runs/<name>)"],
-                              header="cannot resume")
-        run = cfg.resolve(cfg.NONE, config_file, [])
+        from robovla.checkpoint import run_config
+
+        run = cfg.resolve(cfg.NONE, run_config(resume, f"--resume {resume}", header="cannot resume"), [])
     else:
         run = resolve(argv)
     from robovla.train import Interrupted, train

@@ -195,6 +195,7 @@ def main(argv: list[str]) -> int:
     import robovla
     from robovla import config as cfg
     from robovla import rollout
+    from robovla.checkpoint import run_config
 
     argv, env_fields = split_env_flags(argv)
     args = parser().parse_args(argv)
@@ -208,11 +209,7 @@ def main(argv: list[str]) -> int:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError([f"{flag}: must be >= 1, got {value}"], header="invalid arguments")
-    config_file = args.run / "config.toml"
-    if not config_file.is_file():
-        raise ConfigError([f"--run {args.run}: no config.toml there; give a run folder (runs/<name>)"],
-                          header="cannot evaluate")
-    run = cfg.resolve(cfg.NONE, config_file, [])
+    run = cfg.resolve(cfg.NONE, run_config(args.run, f"--run {args.run}", header="cannot evaluate"), [])
     env_name = args.env or run.train.eval_env
     do_offline = not args.closed_loop
     do_closed = not args.offline and env_name is not None

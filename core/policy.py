@@ -176,11 +176,8 @@ class Policy:
         from robovla.vla import build
 
         run_dir = Path(run_dir).expanduser()
-        config_file, stats_file = run_dir / "config.toml", run_dir / "action_stats.json"
-        for needed in (config_file, stats_file):
-            if not needed.is_file():
-                raise FileNotFoundError(f"{run_dir}: no {needed.name}; give a run folder written by robo-run "
-                                        "(runs/<name>)")
+        config_file = ckpt.run_config(run_dir, str(run_dir), stats=True)
+        stats_file = run_dir / ckpt.STATS
         if checkpoint is None:
             folder = ckpt.last(run_dir)
         else:

@@ -208,3 +208,23 @@ def test_loader_reuses_a_batch_buffer_only_once_nothing_holds_it(split, workers)
 def test_a_shift_larger_than_the_image_is_refused():
     with pytest.raises(ValueError, match="does not fit a 6x6 image"):
         shifted(np.zeros((1, 6, 6, 3), np.uint8), 8, seed=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_without_the_storage_use_count_every_batch_is_fresh_and_the_same(split, workers, monkeypatch):
+    from robovla import batch_ring
+
+    assert batch_ring.storage_use_count() is not None  # this torch has it: the ring is in use by default
+    source = robovla.create("dataset", "calvin", {"path": split})
+    windows = WindowDataset(source, robovla.create("action_space", "rel-world"), 8, 10)
+    make = lambda: make_loader(windows, 2, preprocess=Preprocess(image_size=16), seed=3,  # noqa: E731
+                               num_workers=workers)
+    reference = [(b.images["static"].clone(), b.actions.clone(), b.instruction) for b in make()]
+    monkeypatch.setattr(batch_ring, "_USE_COUNT", None)
+    monkeypatch.setattr(torch._C, "_storage_Use_Count", None, raising=False)
+    assert batch_ring.storage_use_count() is None
+    loader = make_loader(windows, 2, preprocess=Preprocess(image_size=16), seed=3, num_workers=workers)
+    got = [(b.images["static"].clone(), b.actions.clone(), b.instruction) for b in loader]
+    assert loader.fresh_batches == len(got) == len(reference) == 10
+    for (a, b, c), (x, y, z) in zip(got, reference):
+        assert torch.equal(a, x) and torch.equal(b, y) and c == z

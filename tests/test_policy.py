@@ -102,7 +102,7 @@ def test_from_run_loads_the_saved_weights_and_statistics_without_training_code(r
 
 
 def test_from_run_errors_name_the_fix(runs, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.toml; give a run folder"):
+    with pytest.raises(FileNotFoundError, match="no config.toml or action_stats.json there; give a run folder"):
         Policy.from_run(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"checkpoint 'step-000099': neither a folder nor one of .*step-000002"):
         Policy.from_run(runs["cnn-pool"], "step-000099")

@@ -69,6 +69,29 @@ def test_every_backbone_trains_with_every_head_through_one_command_line(backbone
         assert saved["meta"]["head"].split()[0] in ("robovla", "robovla-example")
 
 
+def test_validation_once_per_step_then_closed_loop_from_the_saved_run(synth, tmp_path, capsys):
+    from robovla.rollout import evaluate
+
+    argv = [*tiny("backbone", "cnn-pool"), "--head", "mlp", "--dataset.path", str(synth), *TINY,
+            "--train.max_steps", "4", "--train.val_every", "2", "--train.val_batches", "1",
+            "--train.eval_env", "synthetic", "--train.eval_episodes", "2", "--train.output_dir", str(tmp_path),
+            "--train.run_name", "run"]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith("plugins: robovla-") and "(backbones, calvin, heads)" in out.splitlines()[0]
+    run = tmp_path / "run"
+    rows = (run / "metrics.csv").read_text().splitlines()[1:]
+    keys = [tuple(r.split(",")[:3]) for r in rows]
+    assert len(keys) == len(set(keys))  # no step logged twice, the last one included
+    assert sorted(losses(run, "val")) == [2, 4]
+    # the evaluation read the saved run back: the same episodes from Policy.from_run give the same report
+    report = json.loads((run / "eval.json").read_text())
+    env = robovla.create("env", "synthetic", {})
+    again = evaluate(robovla.Policy.from_run(run), env, episodes=2, seed=10_000, progress=False)
+    env.close()
+    assert report == json.loads(json.dumps(again)) and report["episodes"] == 2
+
+
 @pytest.mark.parametrize("backbone", robovla.list_components("backbone"))
 def test_every_backbone_with_the_lstm_head_fits_16_windows(backbone, synth):
     from robovla.config import resolve

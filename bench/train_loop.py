@@ -1,0 +1,87 @@
+"""Time per training step of the demo run, end to end (loader, model, optimizer, logging),
+for variants measured side by side in one invocation.
+
+    python bench/train_loop.py [--steps 300] [--rounds 3] [--against PATH] [--json]
+
+Each variant trains the demo preset (``robo-run --preset demo``: cnn-pool + LSTM on the
+synthetic reach task, 2 CPU threads) for ``--steps`` steps without validation, evaluation
+or intermediate checkpoints, in a fresh process; the time is the run's own ``train_seconds``
+(from the first step to the final checkpoint) over its steps. Variants alternate round by
+round (A, B, C, A, B, C, ...) so that machine noise hits all alike; the median of the
+rounds is reported, with its ratio to this tree.
+
+Variants:
+  this tree        the robovla this script belongs to
+  fresh batches    the same, with the batch ring off: every batch written into fresh
+                   memory, as when torch lacks the storage use count (robovla.batch_ring)
+  --against PATH   another robovla checkout (its core/ and plugins/ imported instead),
+                   e.g. a worktree of an earlier commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = """
+import sys
+{setup}
+from robovla.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+FRESH = "import robovla.batch_ring as ring; ring._USE_COUNT = None"
+
+
+def seconds_per_step(code: str, steps: int, out: Path, name: str, env: dict[str, str]) -> float:
+    argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
+            "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
+            "--train.run_name", name]
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    state = json.loads((out / name / "checkpoints" / "last" / "state.json").read_text())
+    return state["train_seconds"] / state["step"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every variant (default 3)")
+    parser.add_argument("--against", type=Path, default=None, help="another robovla checkout to compare with")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    variants = {"this tree": (RUN.format(setup=""), env), "fresh batches": (RUN.format(setup=FRESH), env)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.against is not None:
+            shim = Path(tmp) / "shim"
+            shim.mkdir()
+            (shim / "robovla").symlink_to(args.against.resolve() / "core")
+            (shim / "robovla_plugins").symlink_to(args.against.resolve() / "plugins")
+            variants[f"{args.against}"] = (RUN.format(setup=""), {**env, "PYTHONPATH": str(shim)})
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for i, (name, (code, variant_env)) in enumerate(variants.items()):
+                times[name].append(seconds_per_step(code, args.steps, Path(tmp), f"r{r}-v{i}", variant_env))
+                print(f"round {r + 1}/{args.rounds} {name}: {1000 * times[name][-1]:.2f} ms/step", file=sys.stderr)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base = median["this tree"]
+    if args.json:
+        print(json.dumps({name: {"ms_per_step": 1000 * m, "ratio": m / base, "rounds_ms": [1000 * t for t in
+                                                                                           times[name]]}
+                          for name, m in median.items()}, indent=2))
+        return
+    print(f"demo training, {args.steps} steps, median of {args.rounds} rounds")
+    for name, m in median.items():
+        print(f"  {name:<40} {1000 * m:8.2f} ms/step   x{m / base:.3f} of this tree")
+
+
+if __name__ == "__main__":
+    main()
