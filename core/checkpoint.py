@@ -204,17 +204,42 @@ def last(run_dir: Path) -> Path:
 
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``); returns its state.json contents."""
+    """Load a checkpoint into ``model`` (and ``optimizer``); returns its state.json contents.
+    A sharded (FSDP or DeepSpeed) checkpoint's weights are gathered in this one process."""
     from safetensors.torch import load_model
 
     folder = Path(folder)
     if (folder / FULL).is_file():
         load_model(model, str(folder / FULL))
+    elif (folder / SHARDED).exists():
+        if optimizer is not None:
+            raise RobovlaError(f"{folder}: a sharded optimizer state is restored by the strategy that wrote it "
+                               "(robo-run --resume), not in one process")
+        model.load_state_dict(checked_state(model, consolidated(folder), str(folder)), strict=False)
     else:
         finetune.load_trainable(model, folder)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     return json.loads((folder / STATE).read_text())
+
+
+def consolidated(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of a sharded checkpoint, gathered in one process (on the CPU, all in
+    memory): FSDP's distributed checkpoint as lightning's ``fabric consolidate`` reads it,
+    or DeepSpeed's ZeRO files through deepspeed's own ``zero_to_fp32``."""
+    path = Path(folder) / SHARDED
+    if (path / ".metadata").is_file():  # torch.distributed.checkpoint, as Fabric's FSDP writes it
+        from lightning_fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)["model"]
+    if (path / "latest").is_file():  # a DeepSpeed engine's checkpoint
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as exc:
+            raise RobovlaError(f"{folder} holds a DeepSpeed checkpoint; reading it needs deepspeed "
+                               "(pip install deepspeed)") from exc
+        return get_fp32_state_dict_from_zero_checkpoint(str(path))
+    raise CheckpointError(f"{path}: neither an FSDP distributed checkpoint (.metadata) nor a DeepSpeed one (latest)")
 
 
 def resumable(run_dir: Path) -> Path:
@@ -225,14 +250,6 @@ def resumable(run_dir: Path) -> Path:
                               f"there is nothing to resume; start a new run from its weights with --train.init "
                               f"{run_dir}")
     return folder
-
-
-def refuse_sharded(folder: Path) -> None:
-    """Raise unless ``folder`` holds its weights in one process's files (not FSDP/DeepSpeed shards)."""
-    if (Path(folder) / SHARDED).exists():
-        raise RobovlaError(f"{folder} holds a sharded (FSDP/DeepSpeed) checkpoint; consolidate it into one file "
-                           "first (lightning's `fabric consolidate` for FSDP, `zero_to_fp32.py` for DeepSpeed), "
-                           "or load it in a Fabric session with the same strategy")
 
 
 def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
@@ -284,9 +301,10 @@ def init_weights(model: torch.nn.Module, path: str | Path) -> Path:
     from safetensors.torch import load_file
 
     folder = checkpoint_folder(path)
-    refuse_sharded(folder)
     if (folder / FULL).is_file():
         state = load_file(folder / FULL)
+    elif (folder / SHARDED).exists():
+        state = consolidated(folder)
     else:
         from robovla import config as cfg
         from robovla.vla import build

@@ -188,7 +188,6 @@ class Policy:
                 names = sorted(p.name for p in (run_dir / ckpt.CHECKPOINTS).glob("step-*"))
                 raise FileNotFoundError(f"checkpoint {checkpoint!r}: neither a folder nor one of {run_dir}'s "
                                         f"checkpoints {names}")
-        ckpt.refuse_sharded(folder)
         run = cfg.resolve(cfg.NONE, config_file, [])
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
             vla = build(run, init=False)  # the checkpoint holds every weight

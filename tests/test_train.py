@@ -274,6 +274,39 @@ def test_two_process_sigkill_then_resume_gives_the_uninterrupted_losses(synth, t
     assert got == expected  # step by step, to the digit
 
 
+def test_a_sharded_checkpoint_is_read_in_one_process(synth, tmp_path, capsys):
+    """FSDP writes a torch.distributed.checkpoint of {"model", "optimizer"}: Policy.from_run and
+    --train.init gather it, so that evaluation works the same after any strategy."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    argv = [*tiny("backbone", "cnn-pool"), "--head", "mlp", "--dataset.path", str(synth), *TINY,
+            "--train.max_steps", "2", "--train.val_path", "none", "--train.output_dir", str(tmp_path),
+            "--train.run_name", "run"]
+    assert main(argv) == 0, capsys.readouterr().err
+    whole = checkpoint.last(tmp_path / "run")
+    sharded = whole.parent / "step-000003"
+    sharded.mkdir()
+    shutil.copy(whole / checkpoint.STATE, sharded / checkpoint.STATE)
+    dcp.save({"model": load_file(whole / checkpoint.FULL)}, checkpoint_id=sharded / checkpoint.SHARDED)
+    a = robovla.Policy.from_run(tmp_path / "run", whole.name).vla.state_dict()
+    b = robovla.Policy.from_run(tmp_path / "run", sharded.name).vla.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = build_model(checkpoint_run(tmp_path / "run"), init=False)
+    assert checkpoint.init_weights(model, sharded) == sharded
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
+    with pytest.raises(robovla.RobovlaError, match="restored by the strategy that wrote it"):
+        checkpoint.load(sharded, model, torch.optim.AdamW(model.parameters()))
+
+
+def checkpoint_run(run_dir: Path):
+    from robovla import config as cfg
+
+    return cfg.resolve(cfg.NONE, checkpoint.run_config(run_dir, str(run_dir)), [])
+
+
 def test_resume_refuses_other_flags_and_missing_folders(tmp_path, capsys):
     assert main(["--resume", str(tmp_path), "--train.lr", "1"]) == 2
     assert "drop --train.lr" in capsys.readouterr().err
