@@ -151,7 +151,7 @@ def test_concurrent_builders_leave_one_complete_cache(split, tmp_path):
     code = ("import robovla; from robovla.frame_cache import ensure; "
             f"ensure(robovla.create('dataset', 'calvin', {{'path': {str(split)!r}}}), {str(tmp_path / 'cache')!r}, False)")
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0, 0]
     source = robovla.create("dataset", "calvin", {"path": split})
     cached = CachedDataset(source, tmp_path / "cache", rebuild=False)
     frames = source.load(FIRST + 1, FIRST + 20)

@@ -163,7 +163,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(synth, tmp_path):
             "--dataset.path", str(synth), *TINY, "--train.max_steps", "24", "--train.checkpoint_every", "5",
             "--train.val_path", "none", "--train.output_dir", str(tmp_path)]
     whole = subprocess.run([str(ROBO_RUN), *argv, "--train.run_name", "whole"], cwd=tmp_path, env=clean_env(),
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = start([*argv, "--train.run_name", "killed"], tmp_path)
     run = tmp_path / "killed"
@@ -174,7 +174,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(synth, tmp_path):
     stopped_at = int(checkpoint.last(run).name.split("-")[1])
     assert 10 <= stopped_at < 24
     resumed = subprocess.run([str(ROBO_RUN), "--resume", str(run)], cwd=tmp_path, env=clean_env(),
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = losses(tmp_path / "whole"), losses(run)
     assert sorted(got) == list(range(1, 25))
@@ -189,7 +189,7 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(synth, tmp_path):
     wait_for(lambda: (tmp_path / "stopped" / "metrics.csv").is_file() and
              len(losses(tmp_path / "stopped")) >= 3, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 130, err[-3000:]
     state = json.loads((checkpoint.last(tmp_path / "stopped") / "state.json").read_text())
     assert state["step"] >= 3 and "robo-run --resume" in err and "SIGINT" in err
@@ -237,7 +237,7 @@ def test_two_process_ddp_on_cpu_splits_the_batch_and_keeps_ranks_equal(synth, tm
     for devices in ("1", "2"):
         done = subprocess.run([str(ROBO_RUN), *base, "--fabric.devices", devices, "--fabric.strategy",
                                "ddp_spawn" if devices == "2" else "auto", "--train.run_name", f"d{devices}"],
-                              cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+                              cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
     one = json.loads((checkpoint.last(tmp_path / "d1") / "state.json").read_text())
     two = json.loads((checkpoint.last(tmp_path / "d2") / "state.json").read_text())
