@@ -2,7 +2,8 @@
 
 Each backbone is built from its ``test_config`` (a small offline instance) inside a
 :class:`robovla.vla.VLA` with K = 2 [LRN] tokens, and read out on a window of random frames
-at the size it asks for. Shape letters: B batch, T window, K [LRN] tokens, D hidden size.
+at the size it asks for (:data:`ANY_SIZE` pixels for one that takes any size). Shape letters:
+B batch, T window, K [LRN] tokens, D hidden size.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from robovla.registry import Component
 from robovla.testing import check
 
 B, T, K = 2, 2, 2
+ANY_SIZE = 48  # frame side for a backbone whose image_size is None
 SHORT, LONG = "lift the red block", "push the sliding door all the way to the left side"
 
 
@@ -39,7 +41,7 @@ def built(component: Component) -> nn.Module:
 
 def frames(vla: nn.Module, b: int = B, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    size = vla.backbone.image_size
+    size = vla.backbone.image_size or ANY_SIZE
     return {cam: torch.randint(0, 256, (b, T, size, size, 3), generator=g, dtype=torch.uint8)
             for cam in vla.backbone.cameras}
 
