@@ -70,28 +70,6 @@ def make_window(frames: Frames, start: int, segment: Segment, window: int, chunk
     )
 
 
-def collate(windows: list[Window]):
-    """Stack windows into a :class:`robovla.Batch` of torch tensors [B, ...]."""
-    import torch
-
-    from robovla.batch import Batch
-
-    def stack(arrays: list[np.ndarray]) -> torch.Tensor:
-        # default_collate stacks straight into shared memory inside a DataLoader worker, so the
-        # batch crosses to the main process without another copy.
-        return torch.utils.data.default_collate([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
-
-    cams = windows[0].images
-    return Batch(
-        images={cam: stack([w.images[cam] for w in windows]) for cam in cams},
-        instruction=[w.instruction for w in windows],
-        robot_obs=stack([w.robot_obs for w in windows]),
-        actions=stack([w.actions for w in windows]),
-        action_mask=stack([w.action_mask for w in windows]),
-        frame_mask=stack([w.frame_mask for w in windows]),
-    )
-
-
 class WindowDataset:
     """A map-style dataset of samples over a :class:`robovla.Dataset` (torch DataLoader-ready)."""
 
