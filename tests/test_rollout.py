@@ -25,6 +25,8 @@ from robovla_plugins.datasets.calvin.synthetic import COLOURS, TABLE, SyntheticR
 class ScriptedHead:
     """Passes the feature [B, 1, 1, A] on as a one-action chunk [B, 1, 1, A]; counts calls."""
 
+    history_attributes = ()  # each step stands alone
+
     def __init__(self):
         self.resets = self.steps = 0
 
@@ -47,7 +49,7 @@ class ScriptedVLA(nn.Module):
     def __init__(self, action_space, cameras=("static",), read_instruction=True):
         super().__init__()
         self.lrn = nn.Parameter(torch.zeros(1))
-        self.backbone = type("Backbone", (), {"cameras": cameras})()
+        self.backbone = type("Backbone", (), {"cameras": cameras, "image_size": None, "resize_filter": "bilinear"})()
         self.head, self.space, self.read_instruction = ScriptedHead(), action_space, read_instruction
         self.instructions = []
 
