@@ -34,8 +34,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 import robovla
 from robovla.convert import Conversion, ConvertError
 
