@@ -98,6 +98,7 @@ class FakeCalvinEnv:
         self.blocks = {name: np.array(scene_obs[6 + 6 * i: 12 + 6 * i], dtype=np.float64)
                        for i, name in enumerate(BLOCKS)}
         self.held: str | None = None
+        self.steps = 0  # since this reset; the images show it
         return self.get_obs()
 
     def step(self, action: np.ndarray) -> tuple[dict, int, bool, dict]:
@@ -105,6 +106,7 @@ class FakeCalvinEnv:
         action[:3] *= 0.02  # in place, as calvin_env 1431a46 does
         action[3:6] *= 0.05
         self.received.append(action)
+        self.steps += 1
         move = action[:3]
         if np.linalg.norm(self.tcp - (DRAWER_HANDLE - [0, self.drawer, 0])) < REACH:
             self.drawer = float(np.clip(self.drawer - move[1], 0.0, 0.22))
@@ -131,7 +133,7 @@ class FakeCalvinEnv:
 
     def get_obs(self) -> dict:
         sizes = {"static": 200, "gripper": 84}
-        rgb = {f"rgb_{c}": np.full((sizes[c], sizes[c], 3), len(self.received) % 256, np.uint8) for c in self.cameras}
+        rgb = {f"rgb_{c}": np.full((sizes[c], sizes[c], 3), self.steps % 256, np.uint8) for c in self.cameras}
         depth = {f"depth_{c}": np.zeros((sizes[c], sizes[c]), np.float32) for c in self.cameras}
         robot_obs = np.concatenate([self.tcp, NEUTRAL[3:6], [self.width], NEUTRAL[7:14], [self.gripper]])
         scene_obs = np.concatenate([[self.slide, self.drawer, self.button, self.switch, self.lightbulb, self.led],

@@ -12,6 +12,9 @@ In a plugin package's tests::
 ``pytest --robovla-distribution my-robovla-plugin`` limits the checks to one
 distribution's components. Checks are plain functions ``check(component)`` that raise
 AssertionError with a message saying what to fix; :func:`check` adds one for some kinds.
+Besides the checks every kind gets, backbones, heads, action spaces, envs and datasets each
+have their own (``robovla.testing.backbones``, ``.heads``, ``.action_spaces``, ``.envs``,
+``.datasets``).
 """
 
 from __future__ import annotations
@@ -144,3 +147,6 @@ def robovla_plugin() -> Iterator[Callable[..., plugins.PluginInfo]]:
         plugins.remove(name)
 from robovla.testing import heads as _heads  # noqa: E402,F401
 from robovla.testing import backbones as _backbones  # noqa: E402,F401
+from robovla.testing import action_spaces as _action_spaces  # noqa: E402,F401
+from robovla.testing import envs as _envs  # noqa: E402,F401
+from robovla.testing import datasets as _datasets  # noqa: E402,F401
