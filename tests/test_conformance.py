@@ -13,7 +13,7 @@ from robovla import testing
 from robovla.batch import ROBOT_OBS_DIM
 from robovla.dataset import Frames, Problem, Segment
 from robovla.env import Chain, Observation
-from robovla.testing import action_spaces, datasets, envs
+from robovla.testing import action_spaces, datasets, envs, heads
 from robovla.testing import test_conformance  # noqa: F401  (parametrized over the registry)
 
 
@@ -22,7 +22,7 @@ def test_checks_cover_the_registered_components():
     assert ("head", "example-linear", "usable") in ids
     assert ("action_space", "example-clip", "config_round_trips_through_toml") in ids
     expected = len(testing.CHECKS["head"]) + len(testing.CHECKS["action_space"])
-    assert len(testing.cases("robovla-example")) == expected == 15  # 3 for every kind; 6 head, 3 action space checks
+    assert len(testing.cases("robovla-example")) == expected == 16  # 3 for every kind; 7 head, 3 action space checks
     for kind, module, count in [("action_space", action_spaces, 3), ("env", envs, 2), ("dataset", datasets, 2)]:
         own = [fn.__name__ for fn in testing.CHECKS[kind] if fn.__module__ == module.__name__]
         assert len(own) == count
@@ -264,7 +264,36 @@ class FlagsItsOwnData(Arrays):
         return [Problem(str(self.config.path / "frames.npz"), "robot_obs", "values out of range")]
 
 
+def mlp_claiming_a_history():
+    """The per-frame mlp head declaring a history it does not have."""
+    mlp = robovla.get_component("head", "mlp").load()
+    return type("ClaimsHistory", (mlp,), {"history_attributes": ("_frames",), "__doc__": "mlp, wrongly declared"})
+
+
+def stateful_linear():
+    """A head that keeps the previous frame in its step but declares no history."""
+    base = robovla.get_component("head", "example-linear").load()
+
+    class HidesHistory(base):
+        """example-linear, adding the previous frame's feature to each step's."""
+
+        def reset(self):
+            super().reset()
+            self._previous = None
+
+        def step(self, features):
+            previous, self._previous = self._previous, features
+            return super().step(features if previous is None else features + previous)
+
+    return HidesHistory
+
+
 class Checked:
+    @robovla.hookimpl
+    def register_heads(self, register):
+        register("claims-history", mlp_claiming_a_history())
+        register("hides-history", stateful_linear())
+
     @robovla.hookimpl
     def register_action_spaces(self, register):
         for name, cls in [("scaled", Scaled), ("flips", FlipsOnDecode), ("forgets", ForgetsItsScale),
@@ -296,6 +325,10 @@ def test_new_checks_pass_on_good_components(robovla_plugin, kind, name, module):
 
 
 @pytest.mark.parametrize("kind, name, check, message", [
+    ("head", "claims-history", heads.head_declares_a_history_exactly_when_it_reads_the_past,
+     "does not read earlier frames, but it declares history_attributes = \\('_frames',\\)"),
+    ("head", "hides-history", heads.head_declares_a_history_exactly_when_it_reads_the_past,
+     "reads earlier frames, but it declares history_attributes = \\(\\)"),
     ("action_space", "flips", action_spaces.action_space_round_trip, "encode\\(decode\\(targets\\)\\) differs"),
     ("action_space", "forgets", action_spaces.action_space_state_dict_round_trip,
      "a fresh space encodes differently.*state_dict\\(\\) must hold every fitted statistic"),

@@ -184,6 +184,30 @@ def head_keeps_separate_histories(component: Component) -> None:
 
 
 @check("head")
+def head_declares_a_history_exactly_when_it_reads_the_past(component: Component) -> None:
+    """Frame 3 stepped after frames 1 and 2 against frame 3 right after a reset: a head whose
+    step reads earlier frames lists them in ``history_attributes``, and a per-frame head lists
+    none (the Policy then runs the VLM once per chunk under ``chunk:K``, not at every step)."""
+    head = build(component).eval()
+    features = batch(frames=3, seed=3)[0]
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        head.reset()
+        for n in range(2):
+            head.step(features[:, n:n + 1])
+        torch.manual_seed(7)  # a head that samples draws the same noise for frame 3 both times
+        after = head.step(features[:, 2:3])
+        head.reset()
+        torch.manual_seed(7)
+        alone = head.step(features[:, 2:3])
+    reads = any(not torch.allclose(after[k], alone[k], atol=1e-6, rtol=1e-6) for k in alone)
+    declared = type(head).history_attributes
+    assert bool(declared) == reads, (
+        f"{name(component)}: its step {'reads' if reads else 'does not read'} earlier frames, but it declares "
+        f"history_attributes = {declared}; " + ("list the attributes step() keeps" if reads else
+                                                "declare () so that chunked execution skips the VLM"))
+
+
+@check("head")
 def head_overfits_one_batch(component: Component) -> None:
     """Adam on one fixed small batch brings the loss down by 90% within a few hundred steps."""
     head = build(component).train()
