@@ -157,26 +157,37 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
         time.sleep(0.05)
 
 
+def robo_run(argv: list[str], cwd: Path) -> None:
+    done = subprocess.run([str(ROBO_RUN), *argv], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def kill_then_resume(argv: list[str], tmp_path: Path, at_least: int) -> Path:
+    """Train ``argv`` as run "whole", and as run "killed": SIGKILL to its whole process group
+    (launcher and ranks) once a checkpoint of step ``at_least`` or later is saved, then
+    ``--resume``. Returns the checkpoint the resumed run started from."""
+    robo_run([*argv, "--train.run_name", "whole"], tmp_path)
+    run = tmp_path / "killed"
+    killed = subprocess.Popen([str(ROBO_RUN), *argv, "--train.run_name", "killed"], cwd=tmp_path, env=clean_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: (run / "checkpoints" / "last").exists() and
+             checkpoint.last(run).name >= f"step-{at_least:06d}", killed)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    folder = checkpoint.last(run)
+    robo_run(["--resume", str(run)], tmp_path)
+    return folder
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(synth, tmp_path):
     # tiny Kosmos-2 has dropout: equal losses need the RNG state restored as well
     argv = [*tiny("backbone", "kosmos"), "--head", "lstm", "--head.hidden_size", "32", "--head.num_layers", "1",
             "--dataset.path", str(synth), *TINY, "--train.max_steps", "24", "--train.checkpoint_every", "5",
             "--train.val_path", "none", "--train.output_dir", str(tmp_path)]
-    whole = subprocess.run([str(ROBO_RUN), *argv, "--train.run_name", "whole"], cwd=tmp_path, env=clean_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = start([*argv, "--train.run_name", "killed"], tmp_path)
-    run = tmp_path / "killed"
-    wait_for(lambda: (run / "checkpoints" / "last").exists() and
-             checkpoint.last(run).name >= "step-000010", killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    stopped_at = int(checkpoint.last(run).name.split("-")[1])
-    assert 10 <= stopped_at < 24
-    resumed = subprocess.run([str(ROBO_RUN), "--resume", str(run)], cwd=tmp_path, env=clean_env(),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = losses(tmp_path / "whole"), losses(run)
+    resumed_from = kill_then_resume(argv, tmp_path, at_least=10)
+    assert 10 <= int(resumed_from.name.split("-")[1]) < 24
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 25))
     assert got == expected  # step by step, to the digit
 
@@ -254,26 +265,15 @@ def test_two_process_sigkill_then_resume_gives_the_uninterrupted_losses(synth, t
             "--dataset.path", str(synth), *TINY, "--train.max_steps", "12", "--train.checkpoint_every", "4",
             "--train.val_path", "none", "--fabric.devices", "2", "--fabric.strategy", "ddp_spawn",
             "--train.output_dir", str(tmp_path)]
-    whole = subprocess.run([str(ROBO_RUN), *argv, "--train.run_name", "whole"], cwd=tmp_path, env=clean_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    run = tmp_path / "killed"
-    killed = subprocess.Popen([str(ROBO_RUN), *argv, "--train.run_name", "killed"], cwd=tmp_path, env=clean_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    wait_for(lambda: (run / "checkpoints" / "last").exists() and checkpoint.last(run).name >= "step-000004", killed)
-    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both ranks at once
-    killed.wait()
-    folder = checkpoint.last(run)
-    assert 4 <= int(folder.name.split("-")[1]) < 12
-    assert sorted(p.name for p in folder.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
-    resumed = subprocess.run([str(ROBO_RUN), "--resume", str(run)], cwd=tmp_path, env=clean_env(),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = losses(tmp_path / "whole"), losses(run)
+    resumed_from = kill_then_resume(argv, tmp_path, at_least=4)
+    assert 4 <= int(resumed_from.name.split("-")[1]) < 12
+    assert sorted(p.name for p in resumed_from.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
+    expected, got = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 13))
     assert got == expected  # step by step, to the digit
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_sharded_checkpoint_is_read_in_one_process(synth, tmp_path, capsys):
     """FSDP writes a torch.distributed.checkpoint of {"model", "optimizer"}: Policy.from_run and
     --train.init gather it, so that evaluation works the same after any strategy."""
