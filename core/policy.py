@@ -9,9 +9,10 @@ A action dim, S the image size the backbone reads.
 
 Every episode has a key (0 unless given: an env index, a client session) and its own
 history. A control step encodes only the new frame (the camera images resized to S as in
-training, or as they come for a backbone that takes any size; and the instruction) into its [LRN] feature [1, 1, K, D]; the head steps once on
-it, its own history (LSTM state, last T features) carrying the past, and predicts a chunk
-of C normalized actions. :meth:`Policy.act_batch` steps several episodes with one batched
+training, or as they come for a backbone that takes any size; and the instruction) into
+its [LRN] feature [1, 1, K, D]; the head steps once on it, its own history (LSTM state,
+last T features) carrying the past, and predicts a chunk of C normalized actions.
+:meth:`Policy.act_batch` steps several episodes with one batched
 VLM pass, swapping each episode's head history in and out. Which action of the chunks is
 executed (:class:`Execution`):
 
