@@ -1,12 +1,17 @@
-"""The training loop, on Lightning Fabric: setup -> fit -> validate, in one file.
+"""The training loop, on Lightning Fabric: setup -> fit (train_step, validate, save).
 
-``robo-run [train]`` calls :func:`train` with a resolved :class:`robovla.config.RunConfig`.
-Each process (one per device) builds the same model from the same seed, reads its share
+``robo-run [train]`` calls :func:`train` with a resolved :class:`robovla.config.RunConfig`;
+it launches one process per device, each running :func:`setup` (run folder, model, data
+from :mod:`robovla.data`, optimizer, a resumed run's state) and :func:`fit` over one
+:class:`Session`. Every process builds the same model from the same seed, reads its share
 of every batch (seeded shuffling split across ranks), and steps AdamW with parameter
 groups; Fabric handles devices, distribution and precision. Checkpoints are atomic
-(robovla.checkpoint) and a resumed run continues exactly where the saved one stood: the
-same weights, optimizer state, position in the epoch and RNG state, so its losses equal
-those of a run that never stopped.
+(:mod:`robovla.checkpoint`) and every process saves its own RNG states, so a resumed run
+continues exactly where the saved one stood: the same weights, optimizer state, position
+in the epoch and random draws, and its losses equal those of a run that never stopped.
+Logs go through :mod:`robovla.logs`. With ``--train.eval_env`` the saved model is read back
+through :meth:`robovla.Policy.from_run` and evaluated in closed loop once every process
+is done.
 
 Shape letters: B batch (per device), T window, C chunk, A action dim.
 """
