@@ -102,7 +102,7 @@ def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_
         policy.drop(slot)
         bar.update(1)
         done = [x["completed"] for x in results if x is not None]
-        bar.set_postfix(avg_len=f"{np.mean(done):.2f}")
+        bar.set_postfix(avg_len=f"{np.mean(done):.2f}", refresh=False)
         if pending:
             start_chain(slot)
 
@@ -197,7 +197,7 @@ def evaluate(policy: Any, env: Env, episodes: int, seed: int = 0, max_steps: int
             results.append({"seed": seed + e, "task": task, "instruction": instruction, "success": success,
                             "steps": steps})
             bar.update(1)
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}")
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}", refresh=False)
     per_task: dict[str, list[bool]] = defaultdict(list)
     for r in results:
         per_task[r["task"]].append(r["success"])

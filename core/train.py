@@ -303,7 +303,7 @@ def fit_epoch(s: Session, batches: Iterator[Any], stop: Stop, bar: Any, deadline
         lr = s.optimizer.param_groups[0]["lr"]
         if s.step % t.log_every == 0 or s.step == s.total:
             s.logs.log(s.step, "train", {"loss": loss, "lr": lr, **metrics, "samples_per_s": speed})
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{speed:.1f}", refresh=False)
         bar.update(1)
         if t.val_every and s.step % t.val_every == 0:
             validate(s)
