@@ -7,7 +7,8 @@ Each variant trains the demo preset (``robo-run --preset demo``: cnn-pool + LSTM
 synthetic reach task, 2 CPU threads) for ``--steps`` steps without validation, evaluation
 or intermediate checkpoints, in a fresh process; the time is the run's own ``train_seconds``
 (from the first step to the final checkpoint) over its steps. Variants alternate round by
-round (A, B, C, A, B, C, ...) so that machine noise hits all alike; the median of the
+round, each round starting with the next (A B C, B C A, C A B, ...), so that machine noise
+and order effects hit all alike; the median of the
 rounds is reported, with its ratio to this tree.
 
 Variants:
@@ -39,6 +40,14 @@ sys.exit(main(sys.argv[1:]))
 FRESH = "import robovla.batch_ring as ring; ring._USE_COUNT = None"
 
 
+def shim(folder: Path, checkout: Path) -> Path:
+    """A folder that imports ``checkout``'s core/ as robovla and plugins/ as robovla_plugins."""
+    folder.mkdir()
+    (folder / "robovla").symlink_to(checkout.resolve() / "core")
+    (folder / "robovla_plugins").symlink_to(checkout.resolve() / "plugins")
+    return folder
+
+
 def seconds_per_step(code: str, steps: int, out: Path, name: str, env: dict[str, str]) -> float:
     argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
             "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
@@ -57,18 +66,20 @@ def main() -> None:
     parser.add_argument("--against", type=Path, default=None, help="another robovla checkout to compare with")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    variants = {"this tree": (RUN.format(setup=""), env), "fresh batches": (RUN.format(setup=FRESH), env)}
     with tempfile.TemporaryDirectory() as tmp:
+        # every variant imports its robovla the same way, from a folder on PYTHONPATH: an
+        # editable install's import hooks alone shift these times by a few percent
+        mine = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(shim(Path(tmp) / "this", ROOT))}
+        variants = {"this tree": (RUN.format(setup=""), mine), "fresh batches": (RUN.format(setup=FRESH), mine)}
         if args.against is not None:
-            shim = Path(tmp) / "shim"
-            shim.mkdir()
-            (shim / "robovla").symlink_to(args.against.resolve() / "core")
-            (shim / "robovla_plugins").symlink_to(args.against.resolve() / "plugins")
-            variants[f"{args.against}"] = (RUN.format(setup=""), {**env, "PYTHONPATH": str(shim)})
+            other = {**mine, "PYTHONPATH": str(shim(Path(tmp) / "other", args.against))}
+            variants[f"{args.against}"] = (RUN.format(setup=""), other)
         times: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
         for r in range(args.rounds):
-            for i, (name, (code, variant_env)) in enumerate(variants.items()):
+            for i in range(len(names)):  # each round starts with the next variant: no variant always goes first
+                name = names[(r + i) % len(names)]
+                code, variant_env = variants[name]
                 times[name].append(seconds_per_step(code, args.steps, Path(tmp), f"r{r}-v{i}", variant_env))
                 print(f"round {r + 1}/{args.rounds} {name}: {1000 * times[name][-1]:.2f} ms/step", file=sys.stderr)
     median = {name: statistics.median(t) for name, t in times.items()}
