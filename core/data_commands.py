@@ -141,4 +141,3 @@ def main(argv: list[str]) -> int:
 
         raise unknown("data command", argv[0], COMMANDS)
     return COMMANDS[argv[0]](argv[1:])
-

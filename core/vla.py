@@ -29,6 +29,7 @@ from robovla.head import PolicyHead, Prediction
 if TYPE_CHECKING:
     from robovla.config import RunConfig
 
+
 class VLA(nn.Module):
     """backbone + [LRN] + head. ``lrn_tokens`` is K; the K vectors are distinct parameters.
 
