@@ -44,6 +44,11 @@ def check(*kinds: str) -> Callable[[Check], Check]:
     return add
 
 
+def name(component: Component) -> str:
+    """How a check's message names a component: its kind and name (``head 'lstm'``)."""
+    return f"{component.kind.replace('_', ' ')} {component.name!r}"
+
+
 def cases(distribution: str | None = None) -> list[tuple[Component, Check]]:
     """Every (component, check) pair for the components registered now.
 

@@ -17,15 +17,11 @@ import pytest
 from robovla.action_space import ActionSpace
 from robovla.batch import ROBOT_OBS_DIM
 from robovla.registry import Component, create
-from robovla.testing import check
+from robovla.testing import check, name
 
 N = 256  # generated samples; fitted in chunks of N // 4
 OUTLIER_SCALE = 10.0  # the bounds check also encodes actions this many times larger than the fitted ones
 ATOL = 1e-4  # targets are float32 in [-1, 1]
-
-
-def name(component: Component) -> str:
-    return f"action space {component.name!r}"
 
 
 def build(component: Component) -> ActionSpace:

@@ -19,15 +19,11 @@ import pytest
 from robovla.batch import ROBOT_OBS_DIM
 from robovla.dataset import Dataset, Frames, Segment
 from robovla.registry import Component, create
-from robovla.testing import check
+from robovla.testing import check, name
 from robovla.windows import frames_needed, sample_starts
 
 EPISODES, SEED = 2, 0
 WINDOW, CHUNK = 4, 3  # T and C of the windows cut for the check
-
-
-def name(component: Component) -> str:
-    return f"dataset {component.name!r}"
 
 
 _WRITTEN: dict[tuple[str, str, type], tuple[tempfile.TemporaryDirectory, dict[str, Path]]] = {}

@@ -22,16 +22,12 @@ from robovla.action_space import ActionSpace
 from robovla.batch import ROBOT_OBS_DIM
 from robovla.env import Env, Observation
 from robovla.registry import Component, create
-from robovla.testing import check
+from robovla.testing import check, name
 
 SEEDS = (0, 1, 2, 3)
 STEPS = 2  # steps driven after a reset: enough to see a difference, cheap for a real simulator
 CHAINS = 3
 STILL = np.array([0.0] * (ActionSpace.action_dim - 1) + [1.0])  # no arm motion, gripper open
-
-
-def name(component: Component) -> str:
-    return f"env {component.name!r}"
 
 
 def missing_module(exc: BaseException | None) -> ModuleNotFoundError | None:

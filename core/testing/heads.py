@@ -13,7 +13,7 @@ import torch
 
 from robovla.head import Dims, PolicyHead, Prediction
 from robovla.registry import Component, create
-from robovla.testing import check
+from robovla.testing import check, name
 
 DIMS = Dims(D=16, K=2, T=4, C=3, A=7)
 B = 2
@@ -52,10 +52,6 @@ def seeded_loss(head: PolicyHead, prediction: Prediction, actions: torch.Tensor,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1234)
         return head.loss(prediction, actions, mask)
-
-
-def name(component: Component) -> str:
-    return f"head {component.name!r}"
 
 
 @check("head")
