@@ -178,8 +178,8 @@ def convert(source: str, checkpoint: str | Path, base: str, out: str | Path, con
     weights = ckpt.checked_state(skeleton, result.weights, f"{source} checkpoint {checkpoint}")
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.toml").write_text(config_toml(run))
-    (out / "action_stats.json").write_text(json.dumps(space.state_dict(), indent=2))
+    (out / ckpt.CONFIG).write_text(config_toml(run))
+    (out / ckpt.STATS).write_text(json.dumps(space.state_dict(), indent=2))
     ckpt.save_weights(out, 0, weights, {"epoch": 0, "batch": 0, "converted_from": {
         "source": source, "checkpoint": str(Path(checkpoint).expanduser().resolve()), "base": base,
         "config": None if config is None else str(Path(config).expanduser().resolve())}})

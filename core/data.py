@@ -6,10 +6,12 @@ Training, evaluation and the benches open data the same way, from a resolved
     train = open_dataset(run, "train")       # --dataset.path
     val = open_dataset(run, "val")           # --train.val_path (auto: the sibling validation/)
     space = action_space(run, train)         # fitted on the training frames
+    space = saved_action_space(run, run_dir) # as a run saved it (action_stats.json)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -71,4 +73,14 @@ def action_space(run: RunConfig, dataset: Any) -> Any:
 
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)
     fit_action_space(space, dataset)
+    return space
+
+
+def saved_action_space(run: RunConfig, run_dir: Path) -> Any:
+    """The run's action space with the statistics it was fitted to (``run_dir``'s action_stats.json)."""
+    import robovla
+    from robovla.checkpoint import STATS
+
+    space = robovla.create("action_space", run.action_space.name, run.action_space.config)
+    space.load_state_dict(json.loads((Path(run_dir) / STATS).read_text()))
     return space

@@ -29,7 +29,6 @@ probability becomes exactly -1 or +1.
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -173,12 +172,11 @@ class Policy:
         name under ``RUN_DIR/checkpoints`` (e.g. ``step-000500``)."""
         from robovla import checkpoint as ckpt
         from robovla import config as cfg
-        from robovla import create
+        from robovla.data import saved_action_space
         from robovla.vla import build
 
         run_dir = Path(run_dir).expanduser()
         config_file = ckpt.run_config(run_dir, str(run_dir), stats=True)
-        stats_file = run_dir / ckpt.STATS
         if checkpoint is None:
             folder = ckpt.last(run_dir)
         else:
@@ -193,8 +191,7 @@ class Policy:
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
             vla = build(run, init=False)  # the checkpoint holds every weight
         state = ckpt.load(folder, vla)
-        space = create("action_space", run.action_space.name, run.action_space.config)
-        space.load_state_dict(json.loads(stats_file.read_text()))
+        space = saved_action_space(run, run_dir)
         info = {"run": str(run_dir), "checkpoint": folder.name, "step": state.get("step"),
                 "backbone": run.backbone.name, "head": run.head.name,
                 "action_space": {"name": run.action_space.name, "config": dict(run.action_space.config)},

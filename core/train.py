@@ -190,7 +190,7 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean(run_dir)
         if not resuming:
-            (run_dir / "config.toml").write_text(config_text)
+            (run_dir / checkpoint.CONFIG).write_text(config_text)
         fabric.print(robovla.registry.active_plugins())
     fabric.barrier()
     vla = build(run, init=not resuming)  # a resumed run's checkpoint holds every weight
@@ -226,17 +226,15 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
 def loaders(fabric: Any, run: RunConfig, vla: Any, run_dir: Path, resuming: bool) -> tuple[Any, Any | None]:
     """The training loader and the validation loader (None without a validation split), each
     process reading its share; the action space fitted once and saved as action_stats.json."""
-    import robovla
-    from robovla.data import action_space, open_dataset
+    from robovla.data import action_space, open_dataset, saved_action_space
     from robovla.loader import Preprocess, make_loader
     from robovla.windows import WindowDataset
 
     t = run.train
     data = open_dataset(run, "train")
-    stats = run_dir / "action_stats.json"
+    stats = run_dir / checkpoint.STATS
     if resuming and stats.is_file():
-        space = robovla.create("action_space", run.action_space.name, run.action_space.config)
-        space.load_state_dict(json.loads(stats.read_text()))
+        space = saved_action_space(run, run_dir)
     else:
         space = action_space(run, data)
         if fabric.is_global_zero:
