@@ -26,13 +26,15 @@ from robovla.errors import ConfigError, RobovlaError, UnknownNameError
 from robovla.registry import registry
 
 RUN_FLAGS = ("--preset", "--config", "--resume")
+SWITCHES = ("--overwrite", "--accept-changes")
+"""Yes/no run flags that take no value and are not part of the saved config."""
 
 
 # ------------------------------------------------------------------ run-flag grammar
 
 
 def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str | None]], bool]:
-    """Split ``argv`` into (--preset/--config, [(section.field, value)], wants_help).
+    """Split ``argv`` into (--preset/--config/--resume and switches, [(section.field, value)], wants_help).
 
     Accepted forms: ``--head lstm``, ``--train.lr 1e-4``, ``--train.lr=1e-4``, and a bare
     ``--lora.enabled`` (followed by another flag or nothing), whose value is None here and
@@ -50,6 +52,9 @@ def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str
         if not token.startswith("--") or token == "--":
             raise ConfigError([f"{token!r}: expected a flag such as --head NAME or --train.lr 1e-4"],
                               header="cannot parse the command line")
+        if token in SWITCHES:
+            run[token[2:]], i = "true", i + 1
+            continue
         key, eq, value = token[2:].partition("=")
         value_or_none: str | None = value
         if not eq:
@@ -98,7 +103,12 @@ def run_help(command: str, argv: list[str]) -> str:
            "", "Sources, later wins: defaults < --preset (default: "
            f"{registry_file.default_preset()}) < --config FILE.toml < flags.", "",
            "  --preset NAME                    a named recipe from registry.toml (robo-run presets); none: no preset",
-           "  --config FILE                    a TOML file, e.g. a run's config.toml", "", "components:"]
+           "  --config FILE                    a TOML file, e.g. a run's config.toml",
+           "  --resume RUN_DIR                 continue a stopped run from its last checkpoint, with its config.toml",
+           "  --accept-changes                 with --resume: accept a config.toml or process count that differs "
+           "from the checkpoint's (the resumed run is then not exact)",
+           "  --overwrite                      start over in an existing run folder (deletes its checkpoints and logs)",
+           "", "components:"]
     for kind in cfg.RUN_KINDS:
         names = [c.name for c in reg.components if c.kind == kind and c.error is None]
         what = ", ".join(names) if names else "(none installed)"
@@ -139,9 +149,15 @@ def cmd_config(argv: list[str]) -> int:
 def cmd_train(argv: list[str]) -> int:
     run_args, flags, _ = parse_run_args(argv)
     resume = run_args.get("resume")
+    overwrite, accept_changes = "overwrite" in run_args, "accept-changes" in run_args
+    if overwrite and resume is not None:
+        raise ConfigError(["--overwrite starts the run over and --resume continues it; pass one of them"],
+                          header="cannot parse the command line")
+    if accept_changes and resume is None:
+        raise ConfigError(["--accept-changes only applies to --resume RUN_DIR"], header="cannot parse the command line")
     if resume is not None:
-        if flags or set(run_args) != {"resume"}:
-            extra = [f"--{k}" for k in run_args if k != "resume"] + [f"--{k}" for k, _ in flags]
+        if flags or set(run_args) - {"resume", "accept-changes"}:
+            extra = [f"--{k}" for k in run_args if k not in ("resume", "accept-changes")] + [f"--{k}" for k, _ in flags]
             raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
                                "(start a new run to change the configuration)"], header="cannot resume")
         from robovla.checkpoint import run_config
@@ -152,7 +168,8 @@ def cmd_train(argv: list[str]) -> int:
     from robovla.train import Interrupted, train
 
     try:
-        train(run, config_toml(run), resume=None if resume is None else Path(resume))
+        train(run, config_toml(run), resume=None if resume is None else Path(resume), overwrite=overwrite,
+              accept_changes=accept_changes)
     except Interrupted as exc:
         print(f"robo-run: {exc}", file=sys.stderr)
         return 128 + exc.signum

@@ -132,9 +132,14 @@ def run_dir_for(run: RunConfig) -> Path:
     return Path(run.train.output_dir) / name
 
 
-def train(run: RunConfig, config_text: str, resume: Path | None = None, progress: bool = True) -> Path:
+def train(run: RunConfig, config_text: str, resume: Path | None = None, progress: bool = True,
+          overwrite: bool = False, accept_changes: bool = False) -> Path:
     """Train ``run``; ``config_text`` is its resolved TOML (saved as config.toml). Returns the run
-    folder. With ``--train.eval_env`` the saved model is then evaluated in closed loop."""
+    folder. With ``--train.eval_env`` the saved model is then evaluated in closed loop.
+
+    A new run refuses an existing, non-empty run folder unless ``overwrite``; a resumed run
+    refuses a config or process count that differs from its checkpoint's unless ``accept_changes``.
+    """
     from lightning_fabric import Fabric
 
     f = run.fabric
