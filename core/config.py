@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,8 @@ class ComponentConfig(BaseModel):
     ``size: int = Field(256, description="...")``; the description becomes ``--help``.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # floats are finite everywhere: an inf or nan learning rate, bound or weight only fails later, deep in a run
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -52,39 +53,66 @@ class ComponentConfig(BaseModel):
                             "component's registered name in a run config); rename the field")
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most simulators take 32-bit seeds
+MAX_RUN_NAME = 128  # characters, well under the 255-byte file-name limit of common file systems
+
+
+def check_run_name(name: str | None) -> str | None:
+    """A run name is one plain folder name: no path separators, not ``.`` or ``..``, printable,
+    valid UTF-8 (no lone surrogates), at most :data:`MAX_RUN_NAME` characters."""
+    if name is None:
+        return None
+    if not name.strip():
+        raise ValueError("is empty; give a folder name such as my-run, or none for <backbone>-<head>-<date>-<time>")
+    if len(name) > MAX_RUN_NAME:
+        raise ValueError(f"is {len(name)} characters long; the limit is {MAX_RUN_NAME}")
+    if any(sep in name for sep in "/\\") or name in (".", ".."):
+        raise ValueError(f"{name[:40]!r} is not a single folder name (no '/', '\\', '.' or '..'): the run folder "
+                         "must stay inside --train.output_dir; use --train.output_dir to choose where it goes")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name[:40]!r} is not valid text (it holds a lone surrogate); use plain characters") from None
+    bad = sorted({c for c in name if not c.isprintable()})
+    if bad:
+        raise ValueError(f"{name[:40]!r} holds unprintable characters {bad}; use letters, digits, '-', '_' or '.'")
+    return name
+
+
 class TrainConfig(ComponentConfig):
     """What to train and for how long."""
 
-    run_name: str | None = Field(None, description="run folder name under output_dir; none: <backbone>-<head>-<date>-<time>")
+    run_name: str | None = Field(None, description="run folder name under output_dir (one folder name, at most "
+                                                   f"{MAX_RUN_NAME} characters); none: <backbone>-<head>-<date>-<time>")
     output_dir: Path = Field(Path("runs"), description="folder that holds the run folders")
-    seed: int = Field(123, description="random seed (each process adds its rank)")
-    window: int = Field(8, ge=1, description="T: history frames per training sample")
-    chunk: int = Field(10, ge=1, description="C: future actions predicted per step (the current one first)")
-    batch_size: int = Field(8, ge=1, description="samples per device per step (before gradient accumulation)")
-    epochs: float = Field(5, gt=0, description="passes over the training windows")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
-    max_minutes: float | None = Field(None, gt=0, description="also stop when training has run this long "
+    seed: int = Field(123, ge=0, le=MAX_SEED, description="random seed (each process adds its rank)")
+    window: int = Field(8, ge=1, le=1024, description="T: history frames per training sample")
+    chunk: int = Field(10, ge=1, le=1024, description="C: future actions predicted per step (the current one first)")
+    batch_size: int = Field(8, ge=1, le=65536, description="samples per device per step (before gradient accumulation)")
+    epochs: float = Field(5, gt=0, le=1e6, description="passes over the training windows")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="stop after this many optimizer steps (overrides epochs)")
+    max_minutes: float | None = Field(None, gt=0, le=1e7, description="also stop when training has run this long "
                                                              "(wall clock, not counting setup and evaluation)")
     init: str | None = Field(None, description="start from the weights of this run folder or checkpoint folder "
                                                "(RUN_DIR or RUN_DIR/checkpoints/step-N; a converted checkpoint too), "
                                                "with a fresh optimizer and schedule; none: the backbone's own weights")
-    lr: float = Field(2e-5, gt=0, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; never applied to norms, biases and [LRN]")
+    lr: float = Field(2e-5, gt=0, le=1, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay; never applied to norms, biases and [LRN]")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate shape after warmup")
-    warmup_epochs: float = Field(0.25, ge=0, description="linear warmup length in epochs (added to warmup_steps)")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup length in steps (added to warmup_epochs)")
+    warmup_epochs: float = Field(0.25, ge=0, le=1e6, description="linear warmup length in epochs (added to warmup_steps)")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="linear warmup length in steps (added to warmup_epochs)")
     min_lr_scale: float = Field(0.01, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
-    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; none: no clipping")
-    val_every: int | None = Field(None, ge=1, description="validate every N steps; none: at each epoch end")
-    log_every: int = Field(10, ge=1, description="write training metrics every N steps")
-    checkpoint_every: int = Field(500, ge=1, description="save a checkpoint every N steps (and at the end)")
-    num_workers: int = Field(2, ge=0, description="data-loading worker processes per device")
-    lrn_tokens: int = Field(1, ge=1, description="K: learned [LRN] tokens per frame whose final states the head reads")
+    grad_accum: int = Field(1, ge=1, le=65536, description="micro-batches accumulated per optimizer step")
+    grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="clip the global gradient norm to this; none: no clipping")
+    val_every: int | None = Field(None, ge=1, le=10**9, description="validate every N steps; none: at each epoch end")
+    log_every: int = Field(10, ge=1, le=10**9, description="write training metrics every N steps")
+    checkpoint_every: int = Field(500, ge=1, le=10**9, description="save a checkpoint every N steps (and at the end)")
+    num_workers: int = Field(2, ge=0, le=256, description="data-loading worker processes per device")
+    lrn_tokens: int = Field(1, ge=1, le=64, description="K: learned [LRN] tokens per frame whose final states the head reads")
     train_vision: bool = Field(True, description="train the vision tower (full fine-tuning; under LoRA only "
                                                  "adapters train in the backbone)")
     train_text_embedding: bool = Field(True, description="train the text embedding (full fine-tuning)")
-    freeze_decoder_layers: int = Field(0, ge=0, description="freeze the first N decoder layers (full fine-tuning)")
+    freeze_decoder_layers: int = Field(0, ge=0, le=10_000, description="freeze the first N decoder layers (full fine-tuning)")
     gradient_checkpointing: bool = Field(False, description="recompute backbone activations in the backward pass "
                                                             "(less memory, about a third more compute)")
     augment: bool = Field(True, description="random shift of the training images, as the recipe (pad 10 px static, "
@@ -94,24 +122,26 @@ class TrainConfig(ComponentConfig):
                             "evaluation alike")
     val_path: str = Field("auto", description="validation split folder; auto: the dataset path's sibling "
                                               "validation/ when there is one; none: no validation")
-    val_batches: int | None = Field(50, ge=1, description="batches per validation pass; none: the whole split")
+    val_batches: int | None = Field(50, ge=1, le=10**9, description="batches per validation pass; none: the whole split")
     cache: str = Field("auto", description="frame cache folder; auto: robovla_cache/ inside each split folder; "
                                            "none: read the dataset's files directly")
     eval_env: str | None = Field(None, description="after training, evaluate closed loop in this environment "
                                                    "(e.g. synthetic); writes eval.json")
-    eval_episodes: int = Field(100, ge=1, description="closed-loop evaluation episodes")
-    eval_seed: int = Field(10_000, description="first seed of the evaluation episodes (apart from training seeds)")
-    threads: int | None = Field(None, ge=1, description="torch threads per process; none: torch's default "
+    eval_episodes: int = Field(100, ge=1, le=1_000_000, description="closed-loop evaluation episodes")
+    eval_seed: int = Field(10_000, ge=0, le=MAX_SEED, description="first seed of the evaluation episodes (apart from training seeds)")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads per process; none: torch's default "
                                                         "(cores / processes when several share a CPU)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (needs wandb)")
+
+    _run_name = pydantic.field_validator("run_name")(classmethod(lambda cls, v: check_run_name(v)))
 
 
 class FabricConfig(ComponentConfig):
     """Where and how to run, passed to Lightning Fabric."""
 
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = Field("auto", description="device type")
-    devices: int | Literal["auto"] = Field("auto", description="devices per node, or auto")
-    num_nodes: int = Field(1, ge=1, description="machines taking part in the run")
+    devices: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field("auto", description="devices per node, or auto")
+    num_nodes: int = Field(1, ge=1, le=100_000, description="machines taking part in the run")
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed"] = Field("auto", description="distribution strategy")
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = Field(
         "32-true", description="numeric precision; bf16-mixed on GPUs that support it")
@@ -121,8 +151,8 @@ class LoraConfig(ComponentConfig):
     """Low-rank adaptation of the backbone through PEFT; [LRN] and the head stay fully trained."""
 
     enabled: bool = Field(False, description="train LoRA adapters instead of all backbone weights")
-    r: int = Field(64, ge=1, description="adapter rank")
-    alpha: int = Field(16, ge=1, description="adapter scale numerator (scale = alpha / r)")
+    r: int = Field(64, ge=1, le=65536, description="adapter rank")
+    alpha: int = Field(16, ge=1, le=65536, description="adapter scale numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
     targets: list[str] | Literal["all-linear"] | None = Field(
         None, description="module names or patterns to adapt; none: the backbone's default targets")
@@ -269,6 +299,12 @@ def cli_layer(flags: list[tuple[str, str | None]], models: dict[str, type[BaseMo
     return layer, problems
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for messages (a 5,000-character flag stays readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel], origin: dict) -> list[str]:
     """One line per problem, spelled as flags; the branches of a union become one line."""
     by_field: dict[str, list[dict]] = {}
@@ -279,17 +315,19 @@ def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel
         src = origin.get((section, field_name))
         src = f" (from {src})" if src else ""
         first = errs[0]
+        for err in errs:
+            err["msg"] = err["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             valid = list(model.model_fields)
             out.append(f"{flag(section, field_name)}: {unknown('field', field_name, valid)}{src}")
         elif len(errs) > 1 and all(len(e["loc"]) > 1 and isinstance(e["loc"][1], str) for e in errs):
             branches = "; ".join(f"as {e['loc'][1]}: {e['msg']}" for e in errs)
-            out.append(f"{flag(section, field_name)}: got {first['input']!r}{src}, which fits no "
+            out.append(f"{flag(section, field_name)}: got {shown(first['input'])}{src}, which fits no "
                        f"allowed type ({branches})")
         else:
             for err in errs:
                 where = flag(section, ".".join(str(p) for p in err["loc"]))
-                out.append(f"{where}: {err['msg']}, got {err['input']!r}{src}")
+                out.append(f"{where}: {err['msg']}, got {shown(err['input'])}{src}")
     return out
 
 
@@ -386,7 +424,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
     if preset and preset.lower() != NONE:
         layers.append((f"preset {preset}", registry_file.preset(preset)))
     if config_file is not None:
-        layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file))))
+        layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file), "--config")))
     return compose(layers, flags)
 
 
