@@ -165,6 +165,9 @@ def cmd_train(argv: list[str]) -> int:
         run = cfg.resolve(cfg.NONE, run_config(resume, f"--resume {resume}", header="cannot resume"), [])
     else:
         run = resolve(argv)
+    from robovla import preflight
+
+    preflight.check(run, resuming=resume is not None)  # before any process, model or cache: every problem at once
     from robovla.train import Interrupted, train
 
     try:

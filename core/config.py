@@ -26,6 +26,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError, unknown
+from robovla.preflight import MAX_RUN_NAME, check_run_name
 
 RUN_KINDS = ("backbone", "head", "dataset", "action_space")
 """The component sections of a training run, in the order they are resolved."""
@@ -54,29 +55,6 @@ class ComponentConfig(BaseModel):
 
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most simulators take 32-bit seeds
-MAX_RUN_NAME = 128  # characters, well under the 255-byte file-name limit of common file systems
-
-
-def check_run_name(name: str | None) -> str | None:
-    """A run name is one plain folder name: no path separators, not ``.`` or ``..``, printable,
-    valid UTF-8 (no lone surrogates), at most :data:`MAX_RUN_NAME` characters."""
-    if name is None:
-        return None
-    if not name.strip():
-        raise ValueError("is empty; give a folder name such as my-run, or none for <backbone>-<head>-<date>-<time>")
-    if len(name) > MAX_RUN_NAME:
-        raise ValueError(f"is {len(name)} characters long; the limit is {MAX_RUN_NAME}")
-    if any(sep in name for sep in "/\\") or name in (".", ".."):
-        raise ValueError(f"{name[:40]!r} is not a single folder name (no '/', '\\', '.' or '..'): the run folder "
-                         "must stay inside --train.output_dir; use --train.output_dir to choose where it goes")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"{name[:40]!r} is not valid text (it holds a lone surrogate); use plain characters") from None
-    bad = sorted({c for c in name if not c.isprintable()})
-    if bad:
-        raise ValueError(f"{name[:40]!r} holds unprintable characters {bad}; use letters, digits, '-', '_' or '.'")
-    return name
 
 
 class TrainConfig(ComponentConfig):
@@ -90,29 +68,35 @@ class TrainConfig(ComponentConfig):
     chunk: int = Field(10, ge=1, le=1024, description="C: future actions predicted per step (the current one first)")
     batch_size: int = Field(8, ge=1, le=65536, description="samples per device per step (before gradient accumulation)")
     epochs: float = Field(5, gt=0, le=1e6, description="passes over the training windows")
-    max_steps: int | None = Field(None, ge=1, le=10**9, description="stop after this many optimizer steps (overrides epochs)")
-    max_minutes: float | None = Field(None, gt=0, le=1e7, description="also stop when training has run this long "
-                                                             "(wall clock, not counting setup and evaluation)")
+    max_steps: int | None = Field(
+        None, ge=1, le=10**9, description="stop after this many optimizer steps (overrides epochs)")
+    max_minutes: float | None = Field(None, gt=0, le=1e7, description="also stop when training has run this "
+                                      "long (wall clock, not counting setup and evaluation)")
     init: str | None = Field(None, description="start from the weights of this run folder or checkpoint folder "
                                                "(RUN_DIR or RUN_DIR/checkpoints/step-N; a converted checkpoint too), "
                                                "with a fresh optimizer and schedule; none: the backbone's own weights")
     lr: float = Field(2e-5, gt=0, le=1, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay; never applied to norms, biases and [LRN]")
+    weight_decay: float = Field(
+        0.0, ge=0, le=10, description="AdamW weight decay; never applied to norms, biases and [LRN]")
     schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate shape after warmup")
-    warmup_epochs: float = Field(0.25, ge=0, le=1e6, description="linear warmup length in epochs (added to warmup_steps)")
+    warmup_epochs: float = Field(
+        0.25, ge=0, le=1e6, description="linear warmup length in epochs (added to warmup_steps)")
     warmup_steps: int = Field(0, ge=0, le=10**9, description="linear warmup length in steps (added to warmup_epochs)")
     min_lr_scale: float = Field(0.01, ge=0, le=1, description="cosine schedule floor, as a fraction of lr")
     grad_accum: int = Field(1, ge=1, le=65536, description="micro-batches accumulated per optimizer step")
-    grad_clip: float | None = Field(1.0, gt=0, le=1e6, description="clip the global gradient norm to this; none: no clipping")
+    grad_clip: float | None = Field(
+        1.0, gt=0, le=1e6, description="clip the global gradient norm to this; none: no clipping")
     val_every: int | None = Field(None, ge=1, le=10**9, description="validate every N steps; none: at each epoch end")
     log_every: int = Field(10, ge=1, le=10**9, description="write training metrics every N steps")
     checkpoint_every: int = Field(500, ge=1, le=10**9, description="save a checkpoint every N steps (and at the end)")
     num_workers: int = Field(2, ge=0, le=256, description="data-loading worker processes per device")
-    lrn_tokens: int = Field(1, ge=1, le=64, description="K: learned [LRN] tokens per frame whose final states the head reads")
+    lrn_tokens: int = Field(
+        1, ge=1, le=64, description="K: learned [LRN] tokens per frame whose final states the head reads")
     train_vision: bool = Field(True, description="train the vision tower (full fine-tuning; under LoRA only "
                                                  "adapters train in the backbone)")
     train_text_embedding: bool = Field(True, description="train the text embedding (full fine-tuning)")
-    freeze_decoder_layers: int = Field(0, ge=0, le=10_000, description="freeze the first N decoder layers (full fine-tuning)")
+    freeze_decoder_layers: int = Field(
+        0, ge=0, le=10_000, description="freeze the first N decoder layers (full fine-tuning)")
     gradient_checkpointing: bool = Field(False, description="recompute backbone activations in the backward pass "
                                                             "(less memory, about a third more compute)")
     augment: bool = Field(True, description="random shift of the training images, as the recipe (pad 10 px static, "
@@ -122,15 +106,17 @@ class TrainConfig(ComponentConfig):
                             "evaluation alike")
     val_path: str = Field("auto", description="validation split folder; auto: the dataset path's sibling "
                                               "validation/ when there is one; none: no validation")
-    val_batches: int | None = Field(50, ge=1, le=10**9, description="batches per validation pass; none: the whole split")
+    val_batches: int | None = Field(
+        50, ge=1, le=10**9, description="batches per validation pass; none: the whole split")
     cache: str = Field("auto", description="frame cache folder; auto: robovla_cache/ inside each split folder; "
                                            "none: read the dataset's files directly")
     eval_env: str | None = Field(None, description="after training, evaluate closed loop in this environment "
                                                    "(e.g. synthetic); writes eval.json")
     eval_episodes: int = Field(100, ge=1, le=1_000_000, description="closed-loop evaluation episodes")
-    eval_seed: int = Field(10_000, ge=0, le=MAX_SEED, description="first seed of the evaluation episodes (apart from training seeds)")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch threads per process; none: torch's default "
-                                                        "(cores / processes when several share a CPU)")
+    eval_seed: int = Field(
+        10_000, ge=0, le=MAX_SEED, description="first seed of the evaluation episodes (apart from training seeds)")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads per process; none: torch's "
+                                "default (cores / processes when several share a CPU)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project (needs wandb)")
 
     _run_name = pydantic.field_validator("run_name")(classmethod(lambda cls, v: check_run_name(v)))
@@ -140,9 +126,11 @@ class FabricConfig(ComponentConfig):
     """Where and how to run, passed to Lightning Fabric."""
 
     accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = Field("auto", description="device type")
-    devices: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = Field("auto", description="devices per node, or auto")
+    devices: Annotated[int, Field(
+        ge=1, le=1024)] | Literal["auto"] = Field("auto", description="devices per node, or auto")
     num_nodes: int = Field(1, ge=1, le=100_000, description="machines taking part in the run")
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed"] = Field("auto", description="distribution strategy")
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp", "deepspeed"] = Field(
+        "auto", description="distribution strategy")
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = Field(
         "32-true", description="numeric precision; bf16-mixed on GPUs that support it")
 

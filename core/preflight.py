@@ -1,0 +1,204 @@
+"""Checks across fields and against this machine, made before a training run starts any work.
+
+A config model checks each field on its own (bounds, finite numbers, run-name rules below);
+what one field cannot know is checked here, once the whole run is resolved and before a
+process is launched, a model built or a cache written:
+
+- folders: ``--train.output_dir`` and ``--train.cache`` can be created and written,
+  ``--train.val_path`` and ``--train.init`` exist;
+- the machine: ``--fabric.accelerator`` is there (no CUDA device, no GPU run) and
+  ``--fabric.devices`` fits it (on a CPU every device is a process: at most one per core);
+- the data: the dataset opens, holds every camera the backbone reads, knows every task
+  ``--dataset.tasks`` names, and gives at least one global batch of windows;
+- names: ``--train.eval_env`` is a registered environment.
+
+Two conventions let core check components it does not know: a backbone config with a
+``cameras`` field reads those cameras, and a dataset config with a ``tasks`` field keeps only
+the segments of those tasks (:class:`robovla.dataset.Segment` ``task``). Every problem is
+collected and raised once as a :class:`robovla.errors.ConfigError` naming the flag.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from robovla.errors import ConfigError, RobovlaError, unknown
+
+if TYPE_CHECKING:
+    from robovla.config import FabricConfig, RunConfig
+
+MAX_RUN_NAME = 128
+"""Characters in a run name: well under the 255-byte file-name limit of common file systems."""
+
+
+def check_run_name(name: str | None) -> str | None:
+    """A run name is one plain folder name: no path separators, not ``.`` or ``..``, printable,
+    valid UTF-8 (no lone surrogates), at most :data:`MAX_RUN_NAME` characters."""
+    if name is None:
+        return None
+    if not name.strip():
+        raise ValueError("is empty; give a folder name such as my-run, or none for <backbone>-<head>-<date>-<time>")
+    if len(name) > MAX_RUN_NAME:
+        raise ValueError(f"is {len(name)} characters long; the limit is {MAX_RUN_NAME}")
+    if any(sep in name for sep in "/\\") or name in (".", ".."):
+        raise ValueError(f"{name[:40]!r} is not a single folder name (no '/', '\\', '.' or '..'): the run folder "
+                         "must stay inside --train.output_dir; use --train.output_dir to choose where it goes")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name[:40]!r} is not valid text (it holds a lone surrogate); use plain characters") from None
+    bad = sorted({c for c in name if not c.isprintable()})
+    if bad:
+        raise ValueError(f"{name[:40]!r} holds unprintable characters {bad}; use letters, digits, '-', '_' or '.'")
+    return name
+
+
+def check(run: RunConfig, resuming: bool = False) -> None:
+    """Every cross-field and machine check of a training run; raises one ConfigError listing all
+    problems. ``resuming``: the run folder exists already (``--resume``), so output_dir is not checked."""
+    problems = [] if resuming else folder_problems(run)
+    problems += fabric_problems(run.fabric)
+    problems += data_problems(run)
+    if run.train.eval_env is not None:
+        from robovla.registry import get_component
+
+        try:
+            get_component("env", run.train.eval_env)
+        except RobovlaError as exc:
+            problems.append(f"--train.eval_env {run.train.eval_env}: {exc}")
+    if problems:
+        raise ConfigError(problems, header="cannot start training")
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def writable(path: Path, flag: str) -> str | None:
+    """The problem with creating or writing folder ``path`` (given by ``flag``), or None."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            return f"{flag} {path}: {existing} is a broken symbolic link; fix it or choose another folder"
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is" if existing == path else f"would be inside {existing}, which is"
+        return f"{flag} {path}: {what} a file, not a folder; choose a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (its nearest existing folder {existing})"
+        return f"{flag} {path}: cannot be written{where}: permission denied; choose a folder you can write"
+    return None
+
+
+def folder_problems(run: RunConfig) -> list[str]:
+    t = run.train
+    found = [writable(t.output_dir, "--train.output_dir")]
+    if t.run_name is not None and (Path(t.output_dir).expanduser() / t.run_name).exists() and \
+            not (Path(t.output_dir).expanduser() / t.run_name).is_dir():
+        found.append(f"--train.run_name {t.run_name}: {Path(t.output_dir) / t.run_name} is a file, not a folder; "
+                     "choose another run name")
+    if t.cache not in ("auto", "none"):
+        found.append(writable(Path(t.cache), "--train.cache"))
+    if t.val_path not in ("auto", "none") and not Path(t.val_path).expanduser().is_dir():
+        found.append(f"--train.val_path {t.val_path}: no such folder; give the validation split folder, "
+                     "or auto (the dataset path's sibling validation/) or none")
+    if t.init is not None and not Path(t.init).expanduser().exists():
+        found.append(f"--train.init {t.init}: no such run or checkpoint folder; give runs/<name> or "
+                     "runs/<name>/checkpoints/step-N")
+    return [p for p in found if p]
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fabric_problems(f: FabricConfig) -> list[str]:
+    """The accelerator is there and the device count fits it."""
+    import torch
+
+    accelerator = f.accelerator
+    if accelerator in ("cuda", "gpu") and not torch.cuda.is_available():
+        return [f"--fabric.accelerator {accelerator}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                "False); use --fabric.accelerator cpu or auto"]
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator == "mps" and not (mps is not None and mps.is_available()):
+        return ["--fabric.accelerator mps: no Apple MPS device is available here; use --fabric.accelerator cpu or auto"]
+    if f.devices == "auto":
+        return []
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        cores = cpu_cores()
+        if f.devices > cores:
+            return [f"--fabric.devices {f.devices}: on the CPU every device is a separate training process, and this "
+                    f"machine gives this process {cores} core{'s' * (cores != 1)}; use at most {cores} (or auto)"]
+    elif f.devices > torch.cuda.device_count():
+        return [f"--fabric.devices {f.devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                "use at most that many (or auto)"]
+    return []
+
+
+def world_size(f: FabricConfig) -> int:
+    """Processes the run will have, where the config fixes it (``auto`` devices count as one)."""
+    return (f.devices if isinstance(f.devices, int) else 1) * f.num_nodes
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def data_problems(run: RunConfig) -> list[str]:
+    """The training split opens, has the backbone's cameras and the named tasks, and yields a batch."""
+    import robovla
+
+    name, config = run.dataset.name, run.dataset.config
+    try:
+        dataset = robovla.create("dataset", name, config)
+        segments = dataset.segments()
+    except (RobovlaError, OSError) as exc:
+        return [f"--dataset {name}: {exc}"]
+    found = []
+    path = dict(config).get("path")
+    if run.train.cache == "auto" and path is not None:
+        from robovla.frame_cache import CACHE_DIR
+
+        problem = writable(Path(path).expanduser() / CACHE_DIR, "--train.cache auto: the frame cache folder")
+        found += [f"{problem}, or pass --train.cache DIR (a folder you can write) or --train.cache none"] if problem \
+            else []
+    wanted = getattr(run.backbone.config, "cameras", None)
+    missing = [cam for cam in wanted or () if cam not in dataset.cameras]
+    if missing:
+        found.append(f"--backbone.cameras: backbone {run.backbone.name!r} reads {list(wanted)}, but dataset "
+                     f"{name!r} provides only {list(dataset.cameras)} (no {missing}); add them with "
+                     f"--dataset.cameras, or read only {list(dataset.cameras)} with --backbone.cameras")
+    tasks = getattr(config, "tasks", None)
+    if tasks:
+        found += _task_problems(name, config, tasks)
+    if not segments:
+        return found + ([] if tasks else [f"--dataset {name}: the split lists no annotated segments to train on"])
+    t = run.train
+    windows = sum(max(0, s.end - s.start - t.window + 2) for s in segments)
+    batch = t.batch_size * world_size(run.fabric)
+    if windows < batch:
+        longest = max(s.end - s.start + 1 for s in segments)
+        found.append(f"--train.batch_size {t.batch_size}, --train.window {t.window}: the training split gives "
+                     f"{windows} windows of {t.window} frames (its longest segment has {longest} frames), fewer than "
+                     f"one global batch of {batch}; lower --train.batch_size or --train.window")
+    return found
+
+
+def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:
+    """The tasks ``--dataset.tasks`` names that the split does not have, listed with the valid ones."""
+    import robovla
+
+    try:
+        have = {s.task for s in robovla.create("dataset", name, config.model_copy(update={"tasks": None})).segments()}
+    except (RobovlaError, OSError) as exc:
+        return [f"--dataset.tasks: cannot list the split's tasks: {exc}"]
+    have.discard(None)
+    return [f"--dataset.tasks: {unknown('task', task, have)}" for task in tasks if task not in have]
