@@ -6,7 +6,8 @@ id (a folder does not start at 0), ``ep_start_end_ids.npy`` (inclusive recording
 ``lang_annotations/auto_lang_ann.npy`` (a pickled dict: language.ann, language.task,
 info.indx) and, in training splits only, ``scene_info.npy`` (a pickled dict: scene name ->
 inclusive frame-id range). Vectors are stored as float64. Pickle is read for those two
-annotation files only.
+annotation files only, and only plain data is unpickled (:mod:`.files`): a split is data
+from elsewhere, and checking one (``robo-run data check``) must not run code from it.
 """
 
 from __future__ import annotations
@@ -20,23 +21,14 @@ import numpy as np
 from pydantic import Field
 
 import robovla
-from robovla.batch import ROBOT_OBS_DIM
 from robovla.dataset import Frames, Problem, Segment
+from robovla.safe_read import NpzReader, UnsafeFileError, load_npy, open_regular
+from robovla_plugins.datasets.calvin.files import (ANNOTATIONS, ANNOTATIONS_FORMAT, CAMERA_KEYS, FRAME_CHECKS, SCENES,
+                                                   SCENES_FORMAT, SHAPES, CalvinDataError, as_pairs, frame_file,
+                                                   frame_ids, pairs_at, read_pickled_dict, texts_at)
 from robovla_plugins.datasets.calvin.synthetic import write_task
 
-CAMERA_KEYS = {"static": "rgb_static", "gripper": "rgb_gripper"}
-SHAPES = {"rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3), "robot_obs": (ROBOT_OBS_DIM,), "actions": (7,),
-          "rel_actions": (7,)}
-ANNOTATIONS = "lang_annotations/auto_lang_ann.npy"
-SCENES = "scene_info.npy"
-
-
-class CalvinDataError(robovla.RobovlaError, ValueError):
-    """A CALVIN split cannot be read; the message names the file and key."""
-
-
-def frame_file(root: Path, frame: int) -> Path:
-    return root / f"episode_{frame:07d}.npz"
+__all__ = ["CAMERA_KEYS", "SHAPES", "CalvinDataError", "CalvinDataset", "frame_file"]
 
 
 class CalvinDataset(robovla.Dataset):
@@ -98,31 +90,31 @@ class CalvinDataset(robovla.Dataset):
         """``ep_start_end_ids.npy``: int64 [n, 2], inclusive frame-id ranges."""
         file = self.root / "ep_start_end_ids.npy"
         try:
-            ids = np.load(file, allow_pickle=False)
-        except Exception as exc:  # missing, empty, truncated, pickled, not .npy at all
-            raise CalvinDataError(f"{file}: cannot read ({type(exc).__name__}: {exc})") from None
-        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.shape[1] != 2 or \
-                not np.issubdtype(ids.dtype, np.integer):
-            raise CalvinDataError(f"{file}: expected an integer array [n, 2], got "
-                                  f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
+            ids = load_npy(file)
+        except UnsafeFileError as exc:  # missing, empty, truncated, pickled, not .npy at all, not a file
+            raise CalvinDataError(f"{file}: cannot read ({exc.detail})") from None
+        if ids.ndim != 2 or ids.shape[1] != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise CalvinDataError(f"{file}: expected an integer array [n, 2], got {ids.dtype} {ids.shape}")
         bad = np.flatnonzero(ids[:, 0] > ids[:, 1])
         if len(bad):
-            raise CalvinDataError(f"{file}: rows {bad.tolist()} end before they start (ranges are [start, end], "
-                                  "inclusive)")
+            raise CalvinDataError(f"{file}: rows {bad[:20].tolist()}{' ...' * (len(bad) > 20)} end before they "
+                                  "start (ranges are [start, end], inclusive)")
         return ids.astype(np.int64)
 
     def annotations(self) -> dict[str, Any]:
-        """The annotation dict as stored (pickle: CALVIN's format), checked for its keys."""
+        """The annotation dict as stored (CALVIN pickles it; only plain data is unpickled),
+        checked for its keys: language.ann and language.task as lists of str, info.indx as
+        int64 [n, 2]."""
         file = self.root / ANNOTATIONS
-        if not file.is_file():
+        ann = read_pickled_dict(file, ANNOTATIONS_FORMAT)
+        if ann is None:
             raise CalvinDataError(f"{file}: missing; a CALVIN split has lang_annotations/auto_lang_ann.npy")
-        try:
-            ann = np.load(file, allow_pickle=True).item()
-            texts, tasks = [str(t) for t in ann["language"]["ann"]], [str(t) for t in ann["language"]["task"]]
-            indx = [(int(a), int(b)) for a, b in ann["info"]["indx"]]
-        except Exception as exc:  # empty, truncated, not a dict, wrong shapes inside
-            raise CalvinDataError(f"{file}: expected a pickled dict with language.ann, language.task (lists of "
-                                  f"str) and info.indx (list of (start, end)) ({type(exc).__name__}: {exc})") from None
+        problems: list[str] = []
+        texts = texts_at(ann, ("language", "ann"), problems)
+        tasks = texts_at(ann, ("language", "task"), problems)
+        indx = pairs_at(ann, ("info", "indx"), problems)
+        if problems:
+            raise CalvinDataError(f"{file}: " + "; ".join(problems) + f" (expected {ANNOTATIONS_FORMAT})")
         if not len(texts) == len(tasks) == len(indx):
             raise CalvinDataError(f"{file}: language.ann ({len(texts)}), language.task ({len(tasks)}) and "
                                   f"info.indx ({len(indx)}) differ in length")
@@ -132,14 +124,19 @@ class CalvinDataset(robovla.Dataset):
         """``scene_info.npy``: scene name -> inclusive frame-id range; {} when the split has none
         (CALVIN's validation splits do not)."""
         file = self.root / SCENES
-        if not file.is_file():
+        info = read_pickled_dict(file, SCENES_FORMAT)
+        if info is None:
             return {}
-        try:
-            info = np.load(file, allow_pickle=True).item()
-            scenes = {str(name): (int(first), int(last)) for name, (first, last) in info.items()}
-        except Exception as exc:  # empty, truncated, not a dict, wrong values
-            raise CalvinDataError(f"{file}: expected a pickled dict {{scene name: [first id, last id]}} "
-                                  f"({type(exc).__name__}: {exc})") from None
+        problems: list[str] = []
+        scenes = {}
+        for name, value in info.items():
+            pair = as_pairs([value], f"scene {name!r}", problems, rows=1)
+            if not isinstance(name, str):
+                problems.append(f"scene name {name!r} is a {type(name).__name__}, not text")
+            elif len(pair):
+                scenes[name] = (int(pair[0, 0]), int(pair[0, 1]))
+        if problems:
+            raise CalvinDataError(f"{file}: " + "; ".join(problems[:5]) + f" (expected {SCENES_FORMAT})")
         bad = [name for name, (first, last) in scenes.items() if first > last]
         if bad:
             raise CalvinDataError(f"{file}: scenes {bad} end before they start (ranges are inclusive)")
@@ -148,8 +145,9 @@ class CalvinDataset(robovla.Dataset):
     def segments(self) -> list[Segment]:
         ann = self.annotations()
         wanted = None if self.config.tasks is None else set(self.config.tasks)
-        segments = [Segment(s, e, text, task)
-                    for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"], ann["info"]["indx"])
+        segments = [Segment(int(s), int(e), text, task)
+                    for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"],
+                                                  ann["info"]["indx"].tolist())
                     if wanted is None or task in wanted]
         if self.config.scenes is None:
             return segments
@@ -164,19 +162,19 @@ class CalvinDataset(robovla.Dataset):
 
     def load(self, start: int, end: int) -> Frames:
         keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
-        data: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-        for frame in range(start, end + 1):
-            file = frame_file(self.root, frame)
+        data: dict[str, np.ndarray] = {}
+        for row, frame in enumerate(range(start, end + 1)):
             try:
-                with _open_npz(file) as npz:
+                with NpzReader(frame_file(self.root, frame)) as npz:
                     for k in keys:
-                        data[k].append(npz[k])
-            except Exception as exc:  # missing, truncated, corrupt, a key missing
-                raise CalvinDataError(f"{file}: cannot read ({type(exc).__name__}: {exc}); run "
-                                      f"`robo-run data check {self.root}` for every problem") from None
-        return Frames(images={c: np.stack(data[CAMERA_KEYS[c]]) for c in self.cameras},
-                      robot_obs=np.stack(data["robot_obs"]),
-                      actions={k: np.stack(data[k]) for k in self.config.action_keys})
+                        value = npz.read(k, FRAME_CHECKS[k])
+                        if k not in data:
+                            data[k] = np.empty((end - start + 1, *value.shape), value.dtype)
+                        data[k][row] = value
+            except UnsafeFileError as exc:  # missing, not a file, truncated, corrupt, a key missing, a wrong shape
+                raise CalvinDataError(f"{exc}; run `robo-run data check {self.root}` for every problem") from None
+        return Frames(images={c: data[CAMERA_KEYS[c]] for c in self.cameras}, robot_obs=data["robot_obs"],
+                      actions={k: data[k] for k in self.config.action_keys})
 
     # ------------------------------------------------------------------------ checking
 
@@ -184,13 +182,25 @@ class CalvinDataset(robovla.Dataset):
         """Changes with the options, the index files, and any frame file's size or time."""
         h = hashlib.sha256(self.config.model_dump_json(exclude={"path"}).encode())
         for name in ("ep_start_end_ids.npy", ANNOTATIONS, SCENES):
-            file = self.root / name
-            h.update(file.read_bytes() if file.is_file() else b"-")
+            try:
+                with open_regular(self.root / name) as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+            except UnsafeFileError as exc:
+                if not exc.missing:
+                    raise CalvinDataError(str(exc)) from None
+                h.update(b"-")
+        listing = []
         with os.scandir(self.root) as entries:
-            listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ctime_ns) for e in entries
-                             if e.name.endswith(".npz"))
+            for e in entries:
+                if e.name.endswith(".npz"):
+                    try:
+                        st = e.stat()
+                    except OSError:  # a dangling link or a loop: the link itself; reading it reports the problem
+                        st = e.stat(follow_symlinks=False)
+                    listing.append((e.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         # ctime moves on every write or rename and, unlike mtime, cannot be set back (cp -p, rsync -t)
-        h.update(repr(listing).encode())
+        h.update(repr(sorted(listing)).encode())
         return h.hexdigest()
 
     def describe(self) -> dict[str, int]:
@@ -199,11 +209,11 @@ class CalvinDataset(robovla.Dataset):
                 "annotations": len(self.segments()), "scenes": len(self.scene_ranges())}
 
     def check(self) -> list[Problem]:
-        problems: list[Problem] = []
         try:
             ranges = self.recordings()
         except CalvinDataError as exc:
             return [Problem(str(self.root / "ep_start_end_ids.npy"), "", str(exc))]
+        problems: list[Problem] = []
         try:
             segments = self.segments()
         except CalvinDataError as exc:
@@ -214,55 +224,101 @@ class CalvinDataset(robovla.Dataset):
         except CalvinDataError as exc:
             problems.append(Problem(str(self.root / SCENES), "", str(exc)))
             scenes = []
-        for i, seg in enumerate(segments):
-            inside = (ranges[:, 0] <= seg.start) & (seg.end <= ranges[:, 1])
-            if seg.start > seg.end or not inside.any():
-                problems.append(Problem(str(self.root / ANNOTATIONS), f"info.indx[{i}]",
-                                        f"annotation ({seg.start}, {seg.end}) is not inside one recording range "
-                                        f"of ep_start_end_ids.npy"))
-            elif scenes and not any(first <= seg.start and seg.end <= last for first, last in scenes):
-                problems.append(Problem(str(self.root / SCENES), f"info.indx[{i}]",
-                                        f"annotation ({seg.start}, {seg.end}) lies in no scene of scene_info.npy"))
+        problems += annotation_problems(self.root, segments, ranges, scenes)
         keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
-        for start, end in ranges:
-            for frame in range(int(start), int(end) + 1):
+        present = frame_ids(self.root)
+        runs: list[Problem] = []
+        for first, last in merged(ranges):
+            inside = present[np.searchsorted(present, first):np.searchsorted(present, last, side="right")]
+            runs += missing_runs(self.root, first, last, inside)
+            for frame in inside.tolist():
                 problems += self.check_frame(frame_file(self.root, frame), keys)
-        return problems
+        return problems + capped(runs, "missing frame ranges")
 
     @staticmethod
     def check_frame(file: Path, keys: list[str]) -> list[Problem]:
-        """Every problem of one frame file: missing, unreadable, keys, shapes, dtypes, NaN."""
-        if not file.is_file():
-            return [Problem(str(file), "", "frame missing inside a recording range of ep_start_end_ids.npy")]
+        """Every problem of one frame file: missing, not a file, unreadable, keys, shapes, dtypes,
+        NaN. Shapes and dtypes are checked from each member's header, before its data is read."""
         found: list[Problem] = []
         try:
-            with _open_npz(file) as npz:
-                for key in keys:
-                    if key not in npz.files:
-                        found.append(Problem(str(file), key, f"missing key (has {sorted(npz.files)})"))
-                        continue
-                    try:
-                        value = npz[key]
-                    except Exception as exc:  # one corrupt member: report it, go on with the others
-                        found.append(Problem(str(file), key, f"unreadable ({type(exc).__name__}: {exc})"))
-                        continue
-                    if value.shape != SHAPES[key]:
-                        found.append(Problem(str(file), key, f"shape {value.shape}, expected {SHAPES[key]}"))
-                    if key.startswith("rgb_"):
-                        if value.dtype != np.uint8:
-                            found.append(Problem(str(file), key, f"dtype {value.dtype}, expected uint8"))
-                    elif not np.issubdtype(value.dtype, np.floating):
-                        found.append(Problem(str(file), key, f"dtype {value.dtype}, expected float64"))
-                    elif not np.isfinite(value).all():
-                        found.append(Problem(str(file), key, f"non-finite values at {np.flatnonzero(~np.isfinite(value)).tolist()}"))
-        except Exception as exc:  # not a zip at all, truncated directory, ...
-            found.append(Problem(str(file), "", f"unreadable or truncated npz ({type(exc).__name__}: {exc})"))
+            npz = NpzReader(file)
+        except UnsafeFileError as exc:
+            if exc.missing:
+                return [Problem(str(file), "", "frame missing inside a recording range of ep_start_end_ids.npy")]
+            truncated = exc.detail.startswith("not an npz")  # FIFOs, loops and the like say what they are
+            return [Problem(str(file), "", f"unreadable or truncated npz ({exc.detail})" if truncated else exc.detail)]
+        with npz:
+            for key in keys:
+                try:
+                    value = npz.read(key, FRAME_CHECKS[key])
+                except UnsafeFileError as exc:  # one bad member: report it, go on with the others
+                    found.append(Problem(str(file), key, exc.detail))
+                    continue
+                if not key.startswith("rgb_") and not np.isfinite(value).all():
+                    found.append(Problem(str(file), key, f"non-finite values at "
+                                                         f"{np.flatnonzero(~np.isfinite(value)).tolist()}"))
         return found
 
 
-def _open_npz(file: Path) -> np.lib.npyio.NpzFile:
-    """np.load for a frame file, refusing anything that is not an npz archive."""
-    data = np.load(file, allow_pickle=False)
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"not an npz archive (np.load gave {type(data).__name__})")
-    return data
+LIMIT = 100  # problems of one kind listed one by one; past it, one line counts the rest
+
+
+def capped(problems: list[Problem], what: str) -> list[Problem]:
+    if len(problems) <= LIMIT:
+        return problems
+    rest = len(problems) - LIMIT
+    return problems[:LIMIT] + [Problem(problems[LIMIT].file, "", f"... and {rest} more {what} like the above")]
+
+
+def merged(ranges: np.ndarray) -> list[tuple[int, int]]:
+    """The union of inclusive ranges, sorted and disjoint."""
+    out: list[list[int]] = []
+    for a, b in sorted(ranges.tolist()):
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def missing_runs(root: Path, first: int, last: int, present: np.ndarray) -> list[Problem]:
+    """One problem per run of missing frames in first..last (``present``: the sorted ids there)."""
+    edges = np.concatenate([[first - 1], present, [last + 1]])
+    gaps = np.flatnonzero(np.diff(edges) > 1)
+    out = []
+    for a, b in zip((edges[gaps] + 1).tolist(), (edges[gaps + 1] - 1).tolist()):
+        if a == b:
+            out.append(Problem(str(frame_file(root, a)), "",
+                               "frame missing inside a recording range of ep_start_end_ids.npy"))
+        else:
+            out.append(Problem(str(frame_file(root, a)), "",
+                               f"frames {a}..{b} missing ({b - a + 1} files, {frame_file(root, a).name} to "
+                               f"{frame_file(root, b).name}) inside a recording range of ep_start_end_ids.npy"))
+    return out
+
+
+def annotation_problems(root: Path, segments: list[Segment], ranges: np.ndarray,
+                        scenes: list[tuple[int, int]]) -> list[Problem]:
+    """Annotations outside every recording range, or (when the split has scenes) every scene."""
+    bounds = np.fromiter((v for seg in segments for v in (seg.start, seg.end)), np.int64,
+                         2 * len(segments)).reshape(-1, 2)
+    outside = ~_covered(bounds, ranges) | (bounds[:, 0] > bounds[:, 1])
+    problems = capped([Problem(str(root / ANNOTATIONS), f"info.indx[{i}]", f"annotation ({bounds[i, 0]}, "
+                               f"{bounds[i, 1]}) is not inside one recording range of ep_start_end_ids.npy")
+                       for i in np.flatnonzero(outside).tolist()], "annotations outside the recordings")
+    if scenes:
+        homeless = ~outside & ~_covered(bounds, np.asarray(scenes, dtype=np.int64).reshape(-1, 2))
+        problems += capped([Problem(str(root / SCENES), f"info.indx[{i}]", f"annotation ({bounds[i, 0]}, "
+                                    f"{bounds[i, 1]}) lies in no scene of scene_info.npy")
+                            for i in np.flatnonzero(homeless).tolist()], "annotations outside the scenes")
+    return problems
+
+
+def _covered(bounds: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    """Per row (start, end) of ``bounds``: whether one inclusive range of ``ranges`` holds it."""
+    if not len(ranges):
+        return np.zeros(len(bounds), bool)
+    order = np.argsort(ranges[:, 0], kind="stable")
+    starts, reach = ranges[order, 0], np.maximum.accumulate(ranges[order, 1])  # reach: the furthest end so far
+    i = np.searchsorted(starts, bounds[:, 0], side="right") - 1  # the last range starting at or before each start
+    return (i >= 0) & (reach[np.maximum(i, 0)] >= bounds[:, 1])
