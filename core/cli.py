@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -302,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robo-run: error: {_unknown_command(argv[0])}", file=sys.stderr)
         return 2
     try:
+        if command != "plugins" and os.environ.get("LOCAL_RANK", "0") == "0":  # plugins shows it in its table
+            for clash in registry().clashes:  # once per command, not once per process it launches
+                print(f"robo-run: warning: {clash}", file=sys.stderr)
         if command in ("train", "config") and any(a in ("-h", "--help") for a in argv):
             print(main_help() if command == "train" and argv in (["-h"], ["--help"]) else run_help(command, argv))
             return 0
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except RobovlaError as exc:
         print(f"robo-run {command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a real Ctrl-C (a plugin's own KeyboardInterrupt is contained where it runs)
+        print(f"robo-run {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _unknown_command(name: str) -> str:

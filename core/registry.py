@@ -7,7 +7,11 @@
 
 Each plugin's hooks are called one plugin at a time, so that every registration carries
 its provider and one plugin's failure stays its own. A component of a broken plugin, and a
-name that two providers registered, are listed but raise a full report when used.
+name that two third-party providers registered, are listed but raise a full report when
+used. A built-in name (distribution ``robovla``) registered again by another plugin stays
+robovla's: the other registration is listed as ``shadowed`` and the clash is reported in
+:attr:`Registry.clashes`; a user who wants the other one disables the built-in entry point
+with ``ROBOVLA_DISABLE_PLUGINS``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "converter": ("register_converters", "robovla.convert:Converter", "robo-run convert"),
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+BUILTIN = "robovla"
+"""The distribution whose components win a name clash (in :func:`robovla.plugins.norm` spelling)."""
 
 
 def _import(ref: str) -> Any:
@@ -71,6 +77,7 @@ class Component:
     target: Any  # the class, or "module:Class" to import on first use
     plugin: PluginInfo
     error: str | None = None  # set when the component cannot be used, with the reason
+    shadowed: bool = False  # another plugin's registration of a built-in name: the built-in is used
     _cls: type | None = field(default=None, repr=False)
 
     @property
@@ -79,7 +86,7 @@ class Component:
 
     @property
     def status(self) -> str:
-        return "ok" if self.error is None else "error"
+        return "shadowed" if self.shadowed else "ok" if self.error is None else "error"
 
     def load(self) -> type:
         """The component class: imported if it was registered lazily, and checked."""
@@ -87,12 +94,15 @@ class Component:
         if self.error is not None:
             raise PluginError(f"{label} cannot be used: {self.error}")
         if self._cls is None:
-            try:
-                cls = _import(self.target) if isinstance(self.target, str) else self.target
-            except Exception as exc:
-                cause = plugins.describe(exc, f"importing {self.target!r} failed")
-                self.error = broken_report(self.plugin, cause, self.module)
-                raise PluginError(f"{label} cannot be used: {self.error}") from exc
+            with plugins.contained(f"plugin {self.plugin.distribution} ({label})") as guard:
+                try:
+                    cls = _import(self.target) if isinstance(self.target, str) else self.target
+                except BaseException as exc:  # anything but a real Ctrl-C: the plugin is broken
+                    if guard.interrupted:
+                        raise
+                    cause = plugins.describe(exc, f"importing {self.target!r} failed")
+                    self.error = broken_report(self.plugin, cause, self.module)
+                    raise PluginError(f"{label} cannot be used: {self.error}") from exc
             interface = _import(KINDS[self.kind][1])
             if not (isinstance(cls, type) and issubclass(cls, interface)):
                 raise PluginError(
@@ -133,11 +143,14 @@ class Registry:
                                            f"robovla.{KINDS[_kind][1].split(':')[1]}")
                     _added.append(Component(_kind, name, component, _info))
 
-                try:
-                    impl.function(register=register)
-                except Exception as exc:
-                    found = plugins.describe(exc, f"its hook {hook} raised")
-                    self.errors[info.name] = "\n".join(filter(None, [self.errors.get(info.name), found]))
+                with plugins.contained(f"plugin {info.distribution} (entry point '{info.entry_point}')") as guard:
+                    try:
+                        impl.function(register=register)
+                    except BaseException as exc:  # anything but a real Ctrl-C: the plugin is broken
+                        if guard.interrupted:
+                            raise
+                        found = plugins.describe(exc, f"its hook {hook} raised")
+                        self.errors[info.name] = "\n".join(filter(None, [self.errors.get(info.name), found]))
                 self.components += added
         for c in self.components:
             if c.plugin.name in self.errors:
@@ -145,21 +158,43 @@ class Registry:
         self._mark_collisions()
 
     def _mark_collisions(self) -> None:
+        """Two registrations of one name: a built-in keeps it (the others are shadowed, the
+        clash noted in ``clashes``); between third-party plugins, neither may be used."""
+        self.clashes: list[str] = []
         by_key: dict[tuple[str, str], list[Component]] = {}
         for c in self.components:
             by_key.setdefault((c.kind, c.name), []).append(c)
         for (kind, name), same in by_key.items():
-            if len(same) > 1:
-                who = " and ".join(f"{c.plugin.distribution} {c.plugin.version} ({c.module})" for c in same)
-                for c in same:
-                    c.error = (f"{kind} name {name!r} is registered by {who}. Fix: uninstall one, or "
-                               "disable one with ROBOVLA_DISABLE_PLUGINS=<distribution>")
+            if len(same) < 2:
+                continue
+            builtin = [c for c in same if plugins.norm(c.plugin.distribution) == BUILTIN]
+            if len(builtin) == 1:
+                self._shadow(builtin[0], [c for c in same if c is not builtin[0]])
+                continue
+            who = " and ".join(f"{c.plugin.distribution} {c.plugin.version} ({c.module})" for c in same)
+            for c in same:
+                c.error = (f"{kind} name {name!r} is registered by {who}. Fix: uninstall one, or "
+                           "disable one with ROBOVLA_DISABLE_PLUGINS=<distribution>")
+
+    def _shadow(self, builtin: Component, others: list[Component]) -> None:
+        kind, name = builtin.kind.replace("_", " "), builtin.name
+        for c in others:
+            c.shadowed = True
+            c.error = (f"{kind} name {name!r} is robovla's built-in {kind} ({builtin.module}); "
+                       f"{c.plugin.distribution} {c.plugin.version} registers it too ({c.module}), and the built-in "
+                       f"is used. Fix: rename it in {c.plugin.distribution}; to use {c.plugin.distribution}'s "
+                       f"instead, disable the built-in entry point with "
+                       f"ROBOVLA_DISABLE_PLUGINS={builtin.plugin.name} (it hides every built-in that entry point "
+                       "registers)")
+        providers = ", ".join(f"{c.plugin.distribution} {c.plugin.version}" for c in others)
+        self.clashes.append(f"{kind} {name!r} is registered by robovla {builtin.plugin.version} and by {providers}; "
+                            f"robovla's built-in is used (robo-run plugins shows the clash and how to choose)")
 
     def get(self, kind: str, name: str) -> Component:
         _check_kind(kind)
-        for c in self.components:
-            if c.kind == kind and c.name == name:
-                return c
+        same = [c for c in self.components if c.kind == kind and c.name == name]
+        if same:
+            return next((c for c in same if not c.shadowed), same[0])
         hint = "".join(f"\nNote: {broken_report(plugins.info(p), e).splitlines()[0]}" for p, e in self.errors.items())
         names = {c.name for c in self.components if c.kind == kind}
         raise unknown(kind.replace("_", " "), name, names, hint.lstrip("\n"))
