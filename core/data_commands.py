@@ -45,13 +45,13 @@ def cmd_check(argv: list[str]) -> int:
     p = _parser("check", "Validate a dataset's files and report every problem with its file and key.")
     p.add_argument("--window", type=int, default=8, help="T, to count the training samples (default 8)")
     args = p.parse_args(argv)
-    from robovla.windows import sample_starts
+    from robovla.windows import sample_counts
 
     dataset = _open(args)
     problems = dataset.check()
     try:
         counts = dataset.describe()
-        counts["samples"] = len(sample_starts(dataset.segments(), args.window))
+        counts["samples"] = int(sample_counts(dataset.segments(), args.window).sum())
     except RobovlaError:  # what made it unreadable is among the problems
         counts = {}
     report = {"frames": counts.get("frames"), "segments": counts.get("segments"),

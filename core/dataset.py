@@ -16,7 +16,7 @@ import numpy as np
 from robovla.config import ComponentConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a split can list millions
 class Segment:
     """A language-annotated stretch of one episode: frames start..end, both inclusive."""
 

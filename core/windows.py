@@ -20,10 +20,20 @@ import numpy as np
 from robovla.dataset import Frames, Segment
 
 
+def sample_counts(segments: list[Segment], window: int) -> np.ndarray:
+    """Samples per segment, int64 [S]: end - start - T + 2, or 0 when the segment is shorter than T."""
+    bounds = np.fromiter((v for seg in segments for v in (seg.start, seg.end)), np.int64,
+                         2 * len(segments)).reshape(-1, 2)
+    return np.maximum(bounds[:, 1] - bounds[:, 0] - window + 2, 0)
+
+
 def sample_starts(segments: list[Segment], window: int) -> np.ndarray:
     """All samples as rows (segment index, start frame), in segment order: int64 [n, 2]."""
-    rows = [(i, s) for i, seg in enumerate(segments) for s in range(seg.start, seg.end - window + 2)]
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    counts = sample_counts(segments, window)
+    seg = np.repeat(np.arange(len(segments), dtype=np.int64), counts)
+    first = np.fromiter((s.start for s in segments), np.int64, len(segments))
+    offset = np.arange(len(seg), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([seg, first[seg] + offset], axis=1) if len(seg) else np.empty((0, 2), np.int64)
 
 
 def frames_needed(start: int, segment: Segment, window: int, chunk: int) -> tuple[int, int]:
@@ -77,13 +87,26 @@ class WindowDataset:
         self.dataset, self.action_space = dataset, action_space
         self.window, self.chunk = window, chunk
         self.segments = dataset.segments()
-        self.index = sample_starts(self.segments, window)
+        # sample i is start frame first[j] + i - before[j] of the segment j whose samples hold i:
+        # 16 bytes per segment, however many samples there are
+        counts = sample_counts(self.segments, window)
+        self._ends = np.cumsum(counts)  # samples up to and including each segment
+        self._first = np.fromiter((s.start for s in self.segments), np.int64, len(self.segments)) - \
+            (self._ends - counts)
+
+    @property
+    def index(self) -> np.ndarray:
+        """Every sample as (segment index, start frame), int64 [n, 2] (built on each call, for reports)."""
+        return sample_starts(self.segments, self.window)
 
     def __len__(self) -> int:
-        return len(self.index)
+        return int(self._ends[-1]) if len(self._ends) else 0
 
     def __getitem__(self, i: int) -> Window:
-        seg_i, start = (int(v) for v in self.index[i])
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        seg_i = int(np.searchsorted(self._ends, i, side="right"))
+        start = int(self._first[seg_i]) + i
         segment = self.segments[seg_i]
         first, last = frames_needed(start, segment, self.window, self.chunk)
         return make_window(self.dataset.load(first, last), start, segment, self.window, self.chunk,
