@@ -22,7 +22,8 @@ from robovla.backbone import TextTokens, pad_tokens
 class PromptConfig(robovla.ComponentConfig):
     """A configurable prompt; subclasses set its default."""
 
-    prompt: str = Field("{instruction}", description="how an instruction is worded; must contain {instruction}")
+    prompt: str = Field("{instruction}", max_length=10_000,
+                        description="how an instruction is worded; must contain {instruction}")
 
     @field_validator("prompt")
     @classmethod

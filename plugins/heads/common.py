@@ -8,14 +8,19 @@ A action dim (A-1 arm dims, then the gripper), F per-frame input size, H body ou
 from __future__ import annotations
 
 import abc
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
 import robovla
 from robovla import losses
+
+Width = Annotated[int, Field(ge=1, le=65536)]
+"""A layer width: at least 1, at most 65536 (a typo of 10**9 would otherwise try to allocate it)."""
+Layers = Annotated[int, Field(ge=1, le=1024)]
+"""A count of layers, heads or steps."""
 
 # The recipe's arm and gripper MLPs (RoboVLMs MLPTanhHead / MLPSigmoidHead): 1024, 512, 256.
 RECIPE_MLP = [1024, 512, 256]
@@ -26,8 +31,8 @@ class HeadConfig(robovla.ComponentConfig):
 
     tokens: Literal["flatten", "mean", "max"] = Field(
         "flatten", description="how a frame's K [LRN] features become one vector: flatten (K*D), or mean or max over K")
-    mlp_widths: list[PositiveInt] = Field(
-        RECIPE_MLP, description="hidden widths of the arm and gripper MLPs (the recipe: 1024, 512, 256)")
+    mlp_widths: list[Width] = Field(
+        RECIPE_MLP, max_length=32, description="hidden widths of the arm and gripper MLPs (the recipe: 1024, 512, 256)")
     arm_gripper_loss_ratio: float = Field(
         0.01, ge=0, description="weight of the gripper loss against the arm loss (0.01 as the recipe runs)")
 

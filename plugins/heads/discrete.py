@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 import robovla
 from robovla import losses
-from robovla_plugins.heads.common import ChunkHead, HeadConfig, frame_trunk, init_linear, mlp
+from robovla_plugins.heads.common import ChunkHead, HeadConfig, Width, frame_trunk, init_linear, mlp
 
 
 class DiscreteHead(ChunkHead):
@@ -28,8 +28,8 @@ class DiscreteHead(ChunkHead):
     [B, T, C, A-1, bins] and gripper logits [B, T, C, 1]."""
 
     class Config(HeadConfig):
-        hidden_size: PositiveInt = Field(1024, description="trunk output size, the input of the arm and gripper MLPs")
-        bins: int = Field(256, ge=2, description="bins per arm dimension (RoboVLMs: 256)")
+        hidden_size: Width = Field(1024, description="trunk output size, the input of the arm and gripper MLPs")
+        bins: int = Field(256, ge=2, le=65536, description="bins per arm dimension (RoboVLMs: 256)")
         low: float = Field(-1.0, allow_inf_nan=False,
                            description="lower end of the binned range of the normalized arm actions")
         high: float = Field(1.0, allow_inf_nan=False,

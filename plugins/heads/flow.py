@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 import robovla
 from robovla import losses
-from robovla_plugins.heads.common import ChunkHead, HeadConfig, frame_trunk, init_linear, mlp
+from robovla_plugins.heads.common import ChunkHead, HeadConfig, Layers, Width, frame_trunk, init_linear, mlp
 
 # sin/cos features of the flow time s in [0, 1] at geometric frequencies 1..10 rad per unit of
 # s: the velocity field is smooth in s, and higher frequencies made it slower to learn.
@@ -58,10 +58,10 @@ class FlowHead(ChunkHead):
     gripper logits [B, T, C, 1] from h."""
 
     class Config(HeadConfig):
-        hidden_size: PositiveInt = Field(1024, description="size of the per-frame condition h")
-        velocity_widths: list[PositiveInt] = Field(
+        hidden_size: Width = Field(1024, description="size of the per-frame condition h")
+        velocity_widths: list[Width] = Field(
             [1024, 1024, 1024], description="hidden widths of the velocity MLP")
-        sample_steps: PositiveInt = Field(10, description="Euler steps from noise to the action chunk")
+        sample_steps: Layers = Field(10, description="Euler steps from noise to the action chunk")
 
     test_config = {"hidden_size": 32, "mlp_widths": [32], "velocity_widths": [256, 256]}
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 import robovla
-from robovla_plugins.heads.common import RegressionConfig, RegressionHead, init_linear
+from robovla_plugins.heads.common import Layers, RegressionConfig, RegressionHead, Width, init_linear
 
 
 class Block(nn.Module):
@@ -45,9 +45,9 @@ class GPTHead(RegressionHead):
     hidden] -> arm [B, T, C, A-1] (tanh) and gripper logits [B, T, C, 1]."""
 
     class Config(RegressionConfig):
-        hidden_size: PositiveInt = Field(1024, description="transformer width (features are projected to it)")
-        num_layers: PositiveInt = Field(8, description="transformer blocks (RoboVLMs GPTDecoder: 8)")
-        num_heads: PositiveInt = Field(8, description="attention heads; must divide hidden_size")
+        hidden_size: Width = Field(1024, description="transformer width (features are projected to it)")
+        num_layers: Layers = Field(8, description="transformer blocks (RoboVLMs GPTDecoder: 8)")
+        num_heads: Layers = Field(8, description="attention heads; must divide hidden_size")
         dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention and block outputs")
 
         @field_validator("num_heads")

@@ -18,11 +18,11 @@ the same sliding window, at the cost of one LSTM step of T rows per control step
 from __future__ import annotations
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 from torch import nn
 
 import robovla
-from robovla_plugins.heads.common import RegressionConfig, RegressionHead, init_linear
+from robovla_plugins.heads.common import Layers, RegressionConfig, RegressionHead, Width, init_linear
 
 
 class LSTMHead(RegressionHead):
@@ -31,8 +31,8 @@ class LSTMHead(RegressionHead):
     the recipe's 41.2M parameters."""
 
     class Config(RegressionConfig):
-        hidden_size: PositiveInt = Field(1024, description="LSTM hidden size (the recipe: 1024)")
-        num_layers: PositiveInt = Field(4, description="stacked LSTM layers (the recipe: 4)")
+        hidden_size: Width = Field(1024, description="LSTM hidden size (the recipe: 1024)")
+        num_layers: Layers = Field(4, description="stacked LSTM layers (the recipe: 4)")
         dropout: float = Field(0.0, ge=0, lt=1, description="dropout between LSTM layers (the recipe: 0)")
 
     test_config = {"hidden_size": 32, "num_layers": 2, "mlp_widths": [32]}

@@ -11,10 +11,10 @@ forward pass on that frame alone.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 import robovla
-from robovla_plugins.heads.common import RegressionConfig, RegressionHead, frame_trunk, init_linear
+from robovla_plugins.heads.common import RegressionConfig, RegressionHead, Width, frame_trunk, init_linear
 
 
 class MLPHead(RegressionHead):
@@ -22,7 +22,7 @@ class MLPHead(RegressionHead):
     (tanh) and gripper logits [B, T, C, 1]."""
 
     class Config(RegressionConfig):
-        hidden_size: PositiveInt = Field(1024, description="trunk output size, the input of the arm and gripper MLPs")
+        hidden_size: Width = Field(1024, description="trunk output size, the input of the arm and gripper MLPs")
 
     test_config = {"hidden_size": 32, "mlp_widths": [32]}
 
