@@ -9,13 +9,17 @@
 Images are uint8 [H, W, 3] per camera (``policy.metadata["cameras"]``), robot_obs float
 [15]; the command is float64 [A] with the gripper exactly -1 or +1 (the messages:
 :mod:`robovla.wire`). It loads no torch: besides robovla's light top level it needs only
-numpy and the standard library. One client per thread (it keeps one HTTP connection open).
+numpy and the standard library. One client per thread (it keeps one HTTP connection open;
+if the server closed it while it was idle, the request is sent again on a new one). A server
+started with a token needs it: ``PolicyClient(url, token=...)``, or the environment variable
+ROBOVLA_SERVE_TOKEN.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,11 +39,15 @@ class ServerError(Exception):
 class PolicyClient:
     """A session with a policy server: :meth:`reset`, :meth:`act`, :meth:`close`."""
 
-    def __init__(self, url: str = "http://127.0.0.1:8000", seed: int = 0, timeout: float = 60.0):
+    def __init__(self, url: str = "http://127.0.0.1:8000", seed: int = 0, timeout: float = 60.0,
+                 token: str | None = None):
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url {url!r}: expected http://HOST:PORT")
+        token = token if token is not None else os.environ.get("ROBOVLA_SERVE_TOKEN") or None
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+        self._used = False  # whether the connection has carried a request (a closed one is then retried)
         self.session: str | None = None
         try:
             self.metadata: dict[str, Any] = self._request("GET", "/metadata")
@@ -76,9 +84,19 @@ class PolicyClient:
         self.close()
 
     def _request(self, method: str, path: str, body: bytes | None = None, kind: str = "application/json") -> Any:
-        headers = {"Content-Type": kind} if body is not None else {}
-        self._conn.request(method, path, body=body, headers=headers)
-        response = self._conn.getresponse()
+        headers = {**self._auth, **({"Content-Type": kind} if body is not None else {})}
+        try:
+            self._conn.request(method, path, body=body, headers=headers)
+            response = self._conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not self._used:
+                raise
+            # the server closed the kept-alive connection while it was idle, before reading this
+            # request: send it again on a new connection
+            self._conn.close()
+            self._conn.request(method, path, body=body, headers=headers)
+            response = self._conn.getresponse()
+        self._used = True
         data = response.read()
         if response.status >= 400:
             try:

@@ -2,11 +2,13 @@
 
     robo-run serve --run RUN_DIR [--checkpoint NAME] [--host 127.0.0.1] [--port 8000]
                    [--execute first|chunk:K|ensemble[:M]] [--device cpu] [--max-batch 8]
+                   [--max-sessions 64] [--session-timeout 600] [--max-connections 128]
+                   [--read-timeout 30] [--drain-timeout 30] [--token TOKEN]
 
 Endpoints (JSON unless said otherwise):
 
     GET    /health                  {"status": "ok", "sessions": n}
-    GET    /metadata                cameras, image size, window, chunk, action space, execution, ...
+    GET    /metadata                cameras, image size, window, chunk, action space, execution, limits, ...
     POST   /sessions                a new session (its own history): {"session": ID}; body {"seed": S} optional
     POST   /sessions/ID/reset       a new episode in the session (the policy forgets its history);
                                     body {"seed": S} optional
@@ -16,82 +18,76 @@ Endpoints (JSON unless said otherwise):
                                     ``action`` float64 [A], the command (gripper exactly -1 or +1)
     DELETE /sessions/ID             end the session
 
-:mod:`robovla.wire` defines the .npz messages; it never unpickles. Every error is JSON
-``{"error": ..., "status": ...}``: a 4xx code for a request the server refuses (an unknown
-path or session, a method a path does not take, a malformed body, too many sessions), 501
-for an HTTP method no endpoint takes, 500 when the policy fails; after each the server keeps
-serving. Requests from concurrent sessions are stepped together, one batched VLM pass for up
-to ``--max-batch`` of them. :class:`robovla.client.PolicyClient` speaks this protocol.
+HEAD is answered like GET, without the body. :mod:`robovla.wire` defines the .npz messages;
+it never unpickles and inflates no member larger than its field can need. Every error is
+JSON ``{"error": ..., "status": ...}``: a 4xx code for a request the server refuses (an
+unknown path or session, a method a path does not take, a malformed or oversized body, a
+missing token, too many sessions), 501 for an HTTP method no endpoint takes, 503 while every
+connection is busy or the server shuts down, 500 when the policy fails on a request; after
+each the server keeps serving.
+
+Requests from concurrent sessions are stepped together, one batched VLM pass for up to
+``--max-batch`` of them; if the pass fails, its requests are stepped again one by one, so
+that only the session whose request fails gets the error (every episode is left as it was
+before the failed step). A session without a request for ``--session-timeout`` seconds
+expires and frees its place. With a token (``--token``, or the environment variable
+ROBOVLA_SERVE_TOKEN) every endpoint but ``/health`` needs ``Authorization: Bearer TOKEN``;
+HTTP is not encrypted, so beyond a trusted network put TLS in front. SIGTERM or Ctrl-C
+drains: no new requests, the ones in flight finish, then the server exits.
+:class:`robovla.client.PolicyClient` speaks this protocol; connections are handled by
+:mod:`robovla.server_http`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
+import os
 import queue
+import re
 import secrets
+import signal
 import sys
 import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from robovla.env import Observation
-from robovla.policy import MAX_IMAGE_SIDE, ObservationError, Policy, check_observation
-from robovla.wire import IMAGE_PREFIX, NPZ, WireError, decode_observation, encode_action
+from robovla.errors import RobovlaError
+from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
+from robovla.server_http import ENDPOINTS, HTTPServer, RequestError, seed_from
+from robovla.wire import IMAGE_PREFIX, NPZ, Field, WireError, decode_observation, encode_action, observation_fields
+
+__all__ = ["ENDPOINTS", "PolicyServer", "RequestError", "main", "observation_from", "seed_from"]
 
 PROTOCOL = "robovla-serve/1"
 MAX_SESSIONS = 64
-
-# path pattern (ID: any one path segment, a session) -> HTTP method -> the _Handler method answering it
-_ROUTES: dict[tuple[str, ...], dict[str, str]] = {
-    ("health",): {"GET": "_health"},
-    ("metadata",): {"GET": "_metadata"},
-    ("sessions",): {"POST": "_open_session"},
-    ("sessions", "ID"): {"DELETE": "_end_session"},
-    ("sessions", "ID", "reset"): {"POST": "_reset_session"},
-    ("sessions", "ID", "act"): {"POST": "_act"},
-}
-ENDPOINTS = ", ".join(f"{method} /{'/'.join(pattern)}" for pattern, methods in _ROUTES.items() for method in methods)
+SESSION_TIMEOUT = 600.0  # seconds without a request before a session expires
+MAX_CONNECTIONS = 128
+READ_TIMEOUT = 30.0  # seconds a connection may send nothing (between requests too) before it is closed
+DRAIN_TIMEOUT = 30.0  # seconds the requests in flight get to finish when the server stops
+TOKEN_ENV = "ROBOVLA_SERVE_TOKEN"
+FORGOTTEN = 1024  # ended and expired sessions remembered, to say why a request names one
 
 
-class RequestError(Exception):
-    """A request the server refuses: the HTTP status and what to fix."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def observation_from(body: bytes, cameras: tuple[str, ...]) -> tuple[Observation, str]:
-    """An act request's body -> (Observation, instruction), or RequestError(400) saying what is wrong."""
+def observation_from(body: bytes, fields: dict[str, Field]) -> tuple[Observation, str]:
+    """An act request's body -> (Observation, instruction), or RequestError (400, 413 for an
+    oversized member) saying what is wrong."""
     try:
-        images, robot_obs, instruction = decode_observation(body, cameras)
+        images, robot_obs, instruction = decode_observation(body, fields)
         observation = Observation(images, robot_obs)
-        check_observation(observation, instruction, cameras)
-    except (WireError, ObservationError) as exc:
+        check_observation(observation, instruction, tuple(images))
+    except WireError as exc:
+        raise RequestError(exc.status, str(exc)) from None
+    except ObservationError as exc:
         raise RequestError(400, str(exc)) from None
     return observation, instruction
-
-
-def seed_from(body: bytes) -> int:
-    """A session request's body (empty, or JSON ``{"seed": S}``) -> the seed (0 unless given)."""
-    if not body.strip():
-        return 0
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RequestError(400, 'the body must be JSON such as {"seed": 0}, or empty') from None
-    if not isinstance(data, dict) or set(data) - {"seed"}:
-        raise RequestError(400, f'the body takes only {{"seed": INT}}, got {str(data)[:100]}')
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise RequestError(400, f"seed must be an integer in [0, 2^63), got {seed!r}")
-    return seed
 
 
 @dataclass
@@ -102,29 +98,51 @@ class _Job:
     result: Future
 
 
+@dataclass
+class _Session:
+    used: float  # the clock when its last request came or finished
+    steps: int = 0
+    in_flight: int = 0  # act requests not answered yet (a session with one never expires)
+
+
 class PolicyServer:
-    """A :class:`Policy` served over HTTP (module docstring). ``port=0`` picks a free port.
+    """A :class:`Policy` served over HTTP (module docstring). ``port=0`` picks a free port;
+    ``session_timeout=0`` keeps sessions until they end; ``clock`` (seconds) times expiry.
 
     Use as a context manager (or call :meth:`start` and :meth:`stop`) to serve from a
     background thread, or :meth:`serve_forever` in the foreground.
     """
 
     def __init__(self, policy: Policy, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-                 max_sessions: int = MAX_SESSIONS):
-        if max_batch < 1 or max_sessions < 1:
-            raise ValueError(f"max_batch and max_sessions must be >= 1, got {max_batch} and {max_sessions}")
+                 max_sessions: int = MAX_SESSIONS, *, session_timeout: float = SESSION_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, read_timeout: float = READ_TIMEOUT,
+                 token: str | None = None, clock: Callable[[], float] = time.monotonic):
+        if min(max_batch, max_sessions, max_connections) < 1:
+            raise ValueError(f"max_batch, max_sessions and max_connections must be >= 1, got {max_batch}, "
+                             f"{max_sessions} and {max_connections}")
+        if not (session_timeout >= 0 and read_timeout > 0):
+            raise ValueError(f"session_timeout must be >= 0 and read_timeout > 0, got {session_timeout} and "
+                             f"{read_timeout}")
         self.policy, self.max_batch, self.max_sessions = policy, max_batch, max_sessions
+        self.session_timeout, self.token, self.clock = session_timeout, token, clock
+        self.max_image_side = MAX_IMAGE_SIDE
+        self.fields = observation_fields(policy.cameras, MAX_IMAGE_SIDE, policy.metadata()["robot_obs_dim"],
+                                         MAX_INSTRUCTION)
         # the largest act body accepted: one RGB image of the largest size per camera, plus 1 MiB
         # for robot_obs, the instruction and the archive's own headers
         self.max_body = len(policy.cameras) * MAX_IMAGE_SIDE ** 2 * 3 + (1 << 20)
-        self.sessions: dict[str, int] = {}  # session -> steps taken
-        self.lock = threading.Lock()  # guards the policy and the sessions
+        self.sessions: dict[str, _Session] = {}
+        self.forgotten: OrderedDict[str, str] = OrderedDict()  # ended or expired session -> why it is gone
+        self.lock = threading.Lock()  # guards the sessions; held briefly
+        self.policy_lock = threading.Lock()  # guards the policy; taken before self.lock, never after
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.batches: list[int] = []  # size of every batch stepped (tests read it)
-        self.httpd = _HTTPServer((host, port), self)
+        self.retried = 0  # batches whose pass failed and whose requests were stepped one by one
+        self.httpd = HTTPServer((host, port), self, max_connections, read_timeout)
         self.worker = threading.Thread(target=self._work, name="robovla-policy", daemon=True)
         self.worker.start()
         self._thread: threading.Thread | None = None
+        self._serving = False
 
     @property
     def url(self) -> str:
@@ -132,19 +150,26 @@ class PolicyServer:
         return f"http://{host}:{port}"
 
     def serve_forever(self) -> None:
+        self._serving = True
         self.httpd.serve_forever(poll_interval=0.2)
 
     def start(self) -> PolicyServer:
+        self._serving = True
         self._thread = threading.Thread(target=self.serve_forever, name="robovla-http", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop serving (call it after :meth:`start` or once :meth:`serve_forever` has returned)."""
-        self.httpd.shutdown()
+    def stop(self, drain: float = DRAIN_TIMEOUT) -> bool:
+        """Stop accepting connections, let the requests in flight finish (up to ``drain``
+        seconds; new ones get 503), close every connection and stop the policy's worker. True
+        if every request in flight finished."""
+        if self._serving:
+            self.httpd.shutdown()  # returns at once if serve_forever has already returned
         self.httpd.server_close()
+        finished = self.httpd.drain(drain)
         self.jobs.put(None)
         self.worker.join(timeout=10)
+        return finished
 
     def __enter__(self) -> PolicyServer:
         return self.start()
@@ -188,25 +213,52 @@ class PolicyServer:
 
     def _step(self, batch: list[_Job]) -> None:
         """One batched policy step for the jobs whose session is still open; every job gets its
-        command, or the error that stopped it."""
+        command, or the error that stopped it. A failed pass is stepped again job by job."""
+        with self.policy_lock:
+            self._step_locked(batch)
+
+    def _step_locked(self, batch: list[_Job]) -> None:
         with self.lock:
             live = [j for j in batch if j.session in self.sessions]
-            for j in batch:
-                if j.session not in self.sessions:
-                    j.result.set_exception(RequestError(404, f"session {j.session} ended while its request waited"))
-            if not live:
+            gone = [j for j in batch if j.session not in self.sessions]
+        for j in gone:
+            j.result.set_exception(RequestError(404, self._gone(j.session, "while its request waited")))
+        if not live:
+            return
+        try:
+            actions = self._act_batch(live)
+        except Exception as exc:  # noqa: BLE001 - reported to the client whose request fails
+            if len(live) == 1:
+                live[0].result.set_exception(exc)
                 return
-            try:
-                actions = self.policy.act_batch([j.observation for j in live], [j.instruction for j in live],
-                                                [j.session for j in live])
-            except Exception as exc:  # noqa: BLE001 - reported to each client; the server keeps serving
-                for j in live:
-                    j.result.set_exception(exc)
-                return
-            self.batches.append(len(live))
-            for j, action in zip(live, actions):
-                self.sessions[j.session] += 1
-                j.result.set_result(action)
+            self.retried += 1
+            for j in live:
+                self._step_locked([j])
+            return
+        self.batches.append(len(live))
+        with self.lock:
+            for j in live:
+                self.sessions[j.session].steps += 1
+        for j, action in zip(live, actions):
+            j.result.set_result(action)
+
+    def _act_batch(self, jobs: list[_Job]) -> np.ndarray:
+        """``Policy.act_batch`` for the jobs; if it raises, their episodes are as they were before."""
+        episodes = self.policy.episodes
+        saved = {j.session: (copy.copy(episodes[j.session]), episodes[j.session].generator.get_state())
+                 for j in jobs if j.session in episodes}
+        try:
+            return self.policy.act_batch([j.observation for j in jobs], [j.instruction for j in jobs],
+                                         [j.session for j in jobs])
+        except Exception:
+            for j in jobs:
+                if j.session in saved:
+                    episode, generator = saved[j.session]
+                    episode.generator.set_state(generator)
+                    episodes[j.session] = episode
+                else:
+                    episodes.pop(j.session, None)
+            raise
 
     # ------------------------------------------------------------------------ requests
 
@@ -214,166 +266,123 @@ class PolicyServer:
         return {"status": "ok", "sessions": len(self.sessions)}
 
     def metadata(self) -> dict[str, Any]:
-        return {**self.policy.metadata(), "protocol": PROTOCOL, "encoding": NPZ,
-                "image_fields": [f"{IMAGE_PREFIX}{c}" for c in self.policy.cameras]}
+        meta = self.policy.metadata()
+        if "run" in meta:  # the run's name; where it lies on the server's disk is not the client's business
+            meta["run"] = Path(meta["run"]).name
+        return {**meta, "protocol": PROTOCOL, "encoding": NPZ,
+                "image_fields": [f"{IMAGE_PREFIX}{c}" for c in self.policy.cameras],
+                "max_batch": self.max_batch, "max_sessions": self.max_sessions,
+                "session_timeout": self.session_timeout or None, "auth": "bearer" if self.token else "none"}
 
     def new_session(self, seed: int) -> str:
-        with self.lock:
+        with self.policy_lock, self.lock:
+            self._expire()
             if len(self.sessions) >= self.max_sessions:
+                after = f", or one expires after {self.session_timeout:g} s without a request" \
+                    if self.session_timeout else ""
                 raise RequestError(429, f"{self.max_sessions} sessions are open; end one (DELETE /sessions/ID) "
-                                        "before opening another")
+                                        f"before opening another{after}")
             session = secrets.token_hex(8)
-            self.sessions[session] = 0
+            self.sessions[session] = _Session(self.clock())
             self.policy.reset(session, seed=seed)
         return session
 
     def reset(self, session: str, seed: int) -> None:
-        with self.lock:
-            self._known(session)
+        with self.policy_lock, self.lock:
+            self._known(session).steps = 0
+            self.sessions[session].used = self.clock()
             self.policy.reset(session, seed=seed)
-            self.sessions[session] = 0
 
     def end(self, session: str) -> None:
-        with self.lock:
+        with self.policy_lock, self.lock:
             self._known(session)
-            del self.sessions[session]
-            self.policy.drop(session)
+            self._forget(session, "was ended")
 
     def act(self, session: str, body: bytes) -> np.ndarray:
         """The command for an act request's body, once the worker has stepped it in a batch."""
         with self.lock:
-            self._known(session)
-        observation, instruction = observation_from(body, self.policy.cameras)
-        job = _Job(session, observation, instruction, Future())
-        self.jobs.put(job)
-        return job.result.result()
+            state = self._known(session)
+            state.in_flight += 1
+            state.used = self.clock()
+        try:
+            observation, instruction = observation_from(body, self.fields)
+            job = _Job(session, observation, instruction, Future())
+            self.jobs.put(job)
+            return job.result.result()
+        finally:
+            with self.lock:
+                state.in_flight -= 1
+                state.used = self.clock()
 
-    def _known(self, session: str) -> None:
+    def act_answer(self, session: str, body: bytes) -> bytes:
+        return encode_action(self.act(session, body))
+
+    def expire(self) -> None:
+        """Free the sessions idle past ``session_timeout`` (called between polls; skipped while
+        the policy is stepping, as new_session expires them before it counts)."""
+        if self.session_timeout and self.policy_lock.acquire(blocking=False):
+            try:
+                with self.lock:
+                    self._expire()
+            finally:
+                self.policy_lock.release()
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for session, state in list(self.sessions.items()):
+            if self.session_timeout and not state.in_flight and now - state.used > self.session_timeout:
+                self._forget(session, f"expired after {self.session_timeout:g} s without a request")
+
+    def _forget(self, session: str, why: str) -> None:
+        del self.sessions[session]
+        self.policy.drop(session)
+        self.forgotten[session] = why
+        while len(self.forgotten) > FORGOTTEN:
+            self.forgotten.popitem(last=False)
+
+    def _known(self, session: str) -> _Session:
         if session not in self.sessions:
-            raise RequestError(404, f"no session {session!r}; open one with POST /sessions")
+            raise RequestError(404, self._gone(session))
+        return self.sessions[session]
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    """The HTTP side of a :class:`PolicyServer`: a thread per connection, each served by a _Handler."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], policy_server: PolicyServer):
-        self.policy_server = policy_server
-        super().__init__(address, _Handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """One client connection: each request goes to the method ``_ROUTES`` names, which answers
-    it from ``self.server.policy_server``; every error is answered as JSON."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
-    server_version = "robovla-serve"
-    server: _HTTPServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # no line per request; a 500 prints one (_route)
-        pass
-
-    def do_GET(self) -> None:
-        self._route()
-
-    def do_POST(self) -> None:
-        self._route()
-
-    def do_DELETE(self) -> None:
-        self._route()
-
-    def _route(self) -> None:
-        try:
-            body = self._body() if self.command == "POST" else b""
-            answer, sessions = self._resolve(self.path.split("?")[0].rstrip("/"))
-            answer(body, *sessions)
-        except RequestError as exc:
-            self._json(exc.status, {"error": str(exc), "status": exc.status})
-        except Exception as exc:  # noqa: BLE001 - a bug or a model failure: 500, and keep serving
-            print(f"robo-run serve: {self.command} {self.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            self._json(500, {"error": f"{type(exc).__name__}: {exc}", "status": 500})
-
-    def _resolve(self, path: str) -> tuple[Callable[..., None], list[str]]:
-        """The method answering this request and the session IDs in its path; 404 or 405 otherwise."""
-        parts = [p for p in path.split("/") if p]
-        for pattern, methods in _ROUTES.items():
-            if len(pattern) != len(parts) or not all(p in ("ID", q) for p, q in zip(pattern, parts)):
-                continue
-            if self.command not in methods:
-                raise RequestError(405, f"{path} takes {', '.join(methods)}, not {self.command}")
-            return getattr(self, methods[self.command]), [q for p, q in zip(pattern, parts) if p == "ID"]
-        raise RequestError(404, f"no endpoint {path!r}; endpoints: {ENDPOINTS}")
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            self.close_connection = True
-            raise RequestError(411, "send a Content-Length header with the body")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length {length!r} is not a byte count") from None
-        limit = self.server.policy_server.max_body
-        if n > limit:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
-            raise RequestError(413, f"the body has {n} bytes; at most {limit} (images up to {MAX_IMAGE_SIDE} px "
-                                    "a side)")
-        return self.rfile.read(n)
-
-    # ------------------------------------------------------------------- the endpoints
-
-    def _health(self, body: bytes) -> None:
-        self._json(200, self.server.policy_server.health())
-
-    def _metadata(self, body: bytes) -> None:
-        self._json(200, self.server.policy_server.metadata())
-
-    def _open_session(self, body: bytes) -> None:
-        self._json(201, {"session": self.server.policy_server.new_session(seed_from(body))})
-
-    def _end_session(self, body: bytes, session: str) -> None:
-        self.server.policy_server.end(session)
-        self._json(200, {"session": session, "ended": True})
-
-    def _reset_session(self, body: bytes, session: str) -> None:
-        self.server.policy_server.reset(session, seed_from(body))
-        self._json(200, {"session": session, "reset": True})
-
-    def _act(self, body: bytes, session: str) -> None:
-        kind = self.headers.get("Content-Type", "").split(";")[0].strip()
-        if kind != NPZ:
-            raise RequestError(415, f"an act request is {NPZ}, got content type {kind or 'none'!r}")
-        self._send(200, encode_action(self.server.policy_server.act(session, body)), NPZ)
-
-    # ----------------------------------------------------------------------- answers
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a method no endpoint takes, a malformed request line,
-        headers too large) in the JSON shape of every other error; the connection then closes."""
-        self.close_connection = True
-        if code == HTTPStatus.NOT_IMPLEMENTED:
-            message = f"no endpoint takes method {self.command}; endpoints: {ENDPOINTS}"
-        self._json(code, {"error": message or HTTPStatus(code).phrase, "status": code})
-
-    def _json(self, status: int, payload: dict[str, Any]) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
-
-    def _send(self, status: int, data: bytes, kind: str) -> None:
-        self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":  # a HEAD answer has headers only
-            self.wfile.write(data)
+    def _gone(self, session: str, when: str = "") -> str:
+        why = self.forgotten.get(session)
+        if why is None:
+            return f"no session {session!r}{' ' + when if when else ''}; open one with POST /sessions"
+        return f"session {session!r} {why}{' ' + when if when else ''}; open a new one with POST /sessions"
 
 
 # ------------------------------------------------------------------------- command line
+
+
+def fit_descriptors(max_connections: int) -> None:
+    """Raise this process's limit on open files so that ``max_connections`` connections (and as
+    many refused ones closing) fit beside the files already open; RobovlaError if they cannot."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: no such limit to fit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    need = in_use + 2 * max_connections + 16  # 16 spare: the listening socket, files the policy opens
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    most = (hard - in_use - 16) // 2
+    fix = f"lower --max-connections to {most}" if most >= 1 else "raise the limit"
+    raise RobovlaError(f"--max-connections {max_connections} needs about {need} open files, but this process may "
+                       f"open {hard} (ulimit -n) and has {in_use} open; {fix} (ulimit -n {need})")
+
+
+def token_from(flag: str | None) -> str | None:
+    """The bearer token: ``--token``, else the environment variable, else None (no token)."""
+    token, where = (flag, "--token") if flag is not None else (os.environ.get(TOKEN_ENV) or None, TOKEN_ENV)
+    if token is not None and not re.fullmatch(r"[!-~]+", token):
+        raise RobovlaError(f"{where}: a token is printable ASCII without spaces (e.g. python -c 'import secrets; "
+                           f"print(secrets.token_urlsafe())'), got {len(token)} characters that are not")
+    return token
 
 
 def main(argv: list[str]) -> int:
@@ -388,20 +397,48 @@ def main(argv: list[str]) -> int:
     p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true", help="(default 32-true)")
     p.add_argument("--max-batch", type=int, default=8, help="sessions stepped in one batch at most (default 8)")
     p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS, help=f"open sessions at most ({MAX_SESSIONS})")
+    p.add_argument("--session-timeout", type=float, default=SESSION_TIMEOUT, help="seconds without a request "
+                   f"before a session expires and frees its place (default {SESSION_TIMEOUT:g}; 0: never)")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections at most; past it "
+                   f"the longest-idle one closes, or 503 if all are busy (default {MAX_CONNECTIONS})")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, help="seconds a connection may send nothing "
+                   f"before it is closed (default {READ_TIMEOUT:g})")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT, help="seconds the requests in flight get "
+                   f"to finish on SIGTERM or Ctrl-C (default {DRAIN_TIMEOUT:g})")
+    p.add_argument("--token", default=None, help=f"a bearer token every endpoint but /health requires (default: "
+                   f"the environment variable {TOKEN_ENV}, else none; the variable keeps it out of ps)")
     args = p.parse_args(argv)
+    for flag in ("max_batch", "max_sessions", "max_connections"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("session_timeout", "read_timeout", "drain_timeout"):
+        value = getattr(args, flag)
+        if not 0 <= value < float("inf") or (value == 0 and flag == "read_timeout"):
+            p.error(f"--{flag.replace('_', '-')} must be a finite number of seconds (> 0), got {value}")
+    token = token_from(args.token)
     policy = Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
                              execution=args.execute)
-    server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions)
+    fit_descriptors(args.max_connections)
+    server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,
+                          session_timeout=args.session_timeout, max_connections=args.max_connections,
+                          read_timeout=args.read_timeout, token=token)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"robo-run serve: listening on {args.host}: anyone who can reach this port can drive the policy",
-              file=sys.stderr)
+        print(f"robo-run serve: listening on {args.host}: " + (
+            "requests need the token; HTTP is not encrypted, so beyond a trusted network put TLS in front"
+            if token else f"anyone who can reach this port can drive the policy (--token or {TOKEN_ENV} "
+                          "requires a token)"), file=sys.stderr)
     meta = policy.metadata()
     print(f"serving {args.run} ({meta['checkpoint']}, step {meta['step']}) at {server.url}: cameras "
           f"{meta['cameras']}, chunk {meta['chunk']}, execution {meta['execution']}. Ctrl-C stops.", flush=True)
+    # SIGTERM ends the accept loop from another thread (serve_forever cannot be shut down from
+    # its own), then stop() drains as after Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.httpd.shutdown, daemon=True).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
+        if not server.stop(args.drain_timeout):
+            print(f"robo-run serve: requests still running after {args.drain_timeout:g} s were cut off",
+                  file=sys.stderr)
     return 0

@@ -14,24 +14,61 @@ The answer is an .npz archive holding one array:
 
 npz is numpy's own container: a zip file of .npy members, typed and shaped, written
 uncompressed (``numpy.savez_compressed`` archives are read as well). Readers never unpickle
-(``allow_pickle=False``), so object arrays are refused. Any language that writes zip and
-.npy files can speak the format. This module needs only numpy and the standard library:
-the client imports it without torch.
+(``allow_pickle=False``), so object arrays are refused. A reader inflates nothing it has not
+checked: the member names come first (an unknown or missing field is refused), then each
+member's size in the zip directory and its .npy header (dtype and shape), against the most
+bytes its field can need (:class:`Field`); a member is read only once it is known to fit,
+so a small compressed body cannot make the reader allocate more than the fields allow.
+Any language that writes zip and .npy files can speak the format. This module needs only
+numpy and the standard library: the client imports it without torch.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+import math
+import zipfile
+from dataclasses import dataclass
+from typing import IO, Any, Mapping
 
 import numpy as np
 
 NPZ = "application/x-npz"
 IMAGE_PREFIX = "image."
+HEADER_BYTES = 1 << 16  # room for a member's .npy header on top of its array (numpy writes 128 bytes)
+STRAY_SIGNATURES = 64  # zip directory signatures tolerated beyond one per field (image bytes can hold one)
+ACTION_BYTES = 1 << 20  # the most bytes an act answer's action may hold (float64 [A], A at most 131072)
 
 
 class WireError(ValueError):
-    """Bytes or arrays that are not a valid message of this format; the message says what to fix."""
+    """Bytes or arrays that are not a valid message of this format; the message says what to fix.
+    ``status`` is the HTTP code a server answers it with."""
+
+    status = 400
+
+
+class WireTooLarge(WireError):
+    """A member that would inflate to more than its field can need; refused before it is read."""
+
+    status = 413
+
+
+@dataclass(frozen=True)
+class Field:
+    """One array a message may hold: the most bytes it can need, and what it holds (for messages)."""
+
+    bytes: int
+    holds: str
+
+
+def observation_fields(cameras: tuple[str, ...], max_image_side: int, robot_obs_dim: int,
+                       max_instruction: int) -> dict[str, Field]:
+    """The fields of an act request for a policy reading ``cameras``, with their size bounds."""
+    side = f"uint8 [H, W, 3], sides up to {max_image_side} px"
+    return {**{f"{IMAGE_PREFIX}{cam}": Field(max_image_side ** 2 * 3, side) for cam in cameras},
+            # a float of any width numpy has (longdouble: 16 bytes)
+            "robot_obs": Field(robot_obs_dim * 16, f"float [{robot_obs_dim}]"),
+            "instruction": Field(max_instruction * 4, f"0-d unicode, up to {max_instruction} characters")}
 
 
 def encode_npz(**arrays: Any) -> bytes:
@@ -41,16 +78,75 @@ def encode_npz(**arrays: Any) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npz(body: bytes, what: str = "body") -> dict[str, np.ndarray]:
-    """The bytes of an .npz archive -> its arrays (never unpickling); WireError otherwise."""
+def decode_npz(body: bytes, fields: Mapping[str, Field], what: str = "body") -> dict[str, np.ndarray]:
+    """The bytes of an .npz archive holding exactly ``fields`` -> its arrays, never unpickling and
+    inflating no member before its size and header fit its field (module docstring); WireError
+    (WireTooLarge for a member too large) otherwise."""
+    if body[:6] == b"\x93NUMPY":
+        raise _unreadable(what, "a single .npy array, not an .npz archive")
+    # every entry the zip reader lists starts with this signature: counting them bounds its work
+    if body.count(b"PK\x01\x02") > len(fields) + STRAY_SIGNATURES:
+        raise WireError(f"the {what} has more zip entries than its {len(fields)} fields; send numpy.savez output")
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("a single .npy array, not an .npz archive")
-            return {name: archive[name] for name in archive.files}
-    except Exception as exc:  # zipfile, numpy format and pickle refusals all mean: not a valid archive
-        raise WireError(f"the {what} is not a readable .npz archive ({type(exc).__name__}: {exc}); messages are "
-                        f"numpy.savez output, content type {NPZ}") from None
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except Exception as exc:  # noqa: BLE001 - zipfile's refusals (BadZipFile, ValueError, OSError, ...)
+        raise _unreadable(what, f"{type(exc).__name__}: {exc}") from None
+    with archive:
+        members = {}
+        for info in archive.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if name in members:
+                raise WireError(f"the {what} holds field {name!r} twice; each field is one member")
+            members[name] = info
+        _check_names(sorted(members), fields, what)
+        return {name: _member(archive, info, name, fields[name], what) for name, info in members.items()}
+
+
+def _check_names(names: list[str], fields: Mapping[str, Field], what: str) -> None:
+    unknown = [n for n in names if n not in fields]
+    if unknown:
+        raise WireError(f"unknown field(s) {unknown}; the {what} has {sorted(fields)}")
+    missing = sorted(set(fields) - set(names))
+    if missing:
+        raise WireError(f"missing field(s) {missing}; the {what} has {sorted(fields)}")
+
+
+def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, field: Field, what: str) -> np.ndarray:
+    """One member's array, once its zip entry and .npy header show that it fits ``field``."""
+    member = f"{what} member {info.filename!r} (field {name!r}: {field.holds}, at most {field.bytes} bytes)"
+    if info.file_size > field.bytes + HEADER_BYTES:
+        raise WireTooLarge(f"{member} inflates to {info.file_size} bytes; refused before inflating it")
+    try:
+        with archive.open(info) as fp:
+            dtype, shape = _header(fp)
+        if dtype.hasobject:
+            raise ValueError(f"dtype {dtype} holds Python objects, which would need unpickling")
+        size = math.prod(shape) * dtype.itemsize
+        if size > field.bytes:
+            raise WireTooLarge(f"{member} is {dtype} {list(shape)}, {size} bytes; refused before inflating it")
+        with archive.open(info) as fp:  # zip members read in bounded chunks: no more than the header said
+            return np.lib.format.read_array(fp, allow_pickle=False)
+    except WireError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile and numpy format refusals all mean: not a valid archive
+        raise _unreadable(what, f"member {info.filename!r}: {type(exc).__name__}: {exc}") from None
+
+
+def _header(fp: IO[bytes]) -> tuple[np.dtype, tuple[int, ...]]:
+    """An .npy member's dtype and shape, read from its header alone."""
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        raise ValueError(f".npy format version {version[0]}.{version[1]}; numpy.savez writes 1.0 (or 2.0)")
+    return dtype, shape
+
+
+def _unreadable(what: str, why: str) -> WireError:
+    return WireError(f"the {what} is not a readable .npz archive ({why}); messages are numpy.savez output, "
+                     f"content type {NPZ}")
 
 
 def encode_observation(images: Mapping[str, Any], robot_obs: Any, instruction: str) -> bytes:
@@ -59,25 +155,19 @@ def encode_observation(images: Mapping[str, Any], robot_obs: Any, instruction: s
                       robot_obs=np.asarray(robot_obs), instruction=np.array(instruction))
 
 
-def decode_observation(body: bytes, cameras: tuple[str, ...]) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
-    """An act request's body -> (images by camera, robot_obs, instruction).
+def decode_observation(body: bytes, fields: Mapping[str, Field]) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+    """An act request's body -> (images by camera, robot_obs, instruction); ``fields`` from
+    :func:`observation_fields`.
 
-    Checks the fields (exactly one image per camera in ``cameras``, robot_obs, a text
-    instruction), not the values: the policy checks image sizes, dtypes and finiteness.
+    Checks the fields (exactly one image per camera, robot_obs, a text instruction) and their
+    sizes, not the values: the policy checks image sizes, dtypes and finiteness.
     """
-    arrays = decode_npz(body)
-    allowed = {f"{IMAGE_PREFIX}{cam}" for cam in cameras} | {"robot_obs", "instruction"}
-    unknown = sorted(set(arrays) - allowed)
-    if unknown:
-        raise WireError(f"unknown field(s) {unknown}; an act request has {sorted(allowed)}")
-    missing = sorted(allowed - set(arrays))
-    if missing:
-        raise WireError(f"missing field(s) {missing}; an act request has {sorted(allowed)}")
+    arrays = decode_npz(body, fields, "act request")
     instruction = arrays["instruction"]
     if instruction.dtype.kind != "U" or instruction.shape != ():
         raise WireError(f"instruction must be a 0-d unicode array (numpy.array('...')), got dtype "
                         f"{instruction.dtype} shape {list(instruction.shape)}")
-    images = {cam: arrays[f"{IMAGE_PREFIX}{cam}"] for cam in cameras}
+    images = {name[len(IMAGE_PREFIX):]: arrays[name] for name in fields if name.startswith(IMAGE_PREFIX)}
     return images, arrays["robot_obs"], str(instruction)
 
 
@@ -87,8 +177,5 @@ def encode_action(action: Any) -> bytes:
 
 
 def decode_action(body: bytes) -> np.ndarray:
-    """An act answer's body -> the command float64 [A]; WireError if it holds no ``action`` array."""
-    arrays = decode_npz(body, "answer")
-    if "action" not in arrays:
-        raise WireError(f"an act answer holds an array 'action'; this one holds {sorted(arrays)}")
-    return arrays["action"]
+    """An act answer's body -> the command float64 [A]; WireError if it holds anything but ``action``."""
+    return decode_npz(body, {"action": Field(ACTION_BYTES, "float64 [A]")}, "answer")["action"]

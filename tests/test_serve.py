@@ -22,7 +22,8 @@ from robovla.client import PolicyClient, ServerError
 from robovla.env import Observation
 from robovla.policy import Policy
 from robovla.server import ENDPOINTS, PolicyServer
-from robovla.wire import WireError, decode_action, decode_observation, encode_action, encode_observation
+from robovla.wire import (WireError, decode_action, decode_observation, encode_action, encode_observation,
+                          observation_fields)
 
 from helpers import ROBO_RUN, TINY_CNN_LSTM, clean_env, synth_split, train_tiny
 
@@ -178,16 +179,16 @@ def test_npz_messages_are_plain_numpy_archives():
     for save in (np.savez, np.savez_compressed):
         body = savez(save, **{f"image.{c}": img for c, img in images.items()}, robot_obs=robot_obs,
                      instruction=np.array("push the button"))
-        read, read_obs, text = decode_observation(body, ("gripper", "static"))
+        read, read_obs, text = decode_observation(body, observation_fields(("gripper", "static"), 64, 15, 100))
         assert text == "push the button" and np.array_equal(read_obs, robot_obs)
         assert sorted(read) == ["gripper", "static"] and all(np.array_equal(read[c], images[c]) for c in images)
     with pytest.raises(WireError, match=r"missing field\(s\) \['image.wrist'\]"):
-        decode_observation(sent, ("gripper", "static", "wrist"))
+        decode_observation(sent, observation_fields(("gripper", "static", "wrist"), 64, 15, 100))
     with np.load(io.BytesIO(encode_action([0.5, -1])), allow_pickle=False) as answer:
         assert answer.files == ["action"] and answer["action"].dtype == np.float64
         assert answer["action"].tolist() == [0.5, -1.0]
     assert decode_action(savez(action=np.array([0.25, 1.0]))).tolist() == [0.25, 1.0]
-    with pytest.raises(WireError, match=r"holds an array 'action'; this one holds \['command'\]"):
+    with pytest.raises(WireError, match=r"unknown field\(s\) \['command'\]; the answer has \['action'\]"):
         decode_action(savez(command=np.zeros(7)))
     with pytest.raises(WireError, match="the answer is not a readable .npz archive"):
         decode_action(b"<html>busy</html>")
@@ -259,7 +260,7 @@ def test_sessions_reset_and_end(server, data):
     with PolicyClient(server.url) as other:  # a live session of its own, pointed at the ended one
         own, other.session = other.session, ended
         try:
-            with pytest.raises(ServerError, match="404: no session") as refused:
+            with pytest.raises(ServerError, match=f"404: session {ended!r} was ended; open a new one") as refused:
                 other.act(frames[0].images, frames[0].robot_obs, instruction)
             assert refused.value.status == 404
         finally:
