@@ -21,6 +21,7 @@ collected and raised once as a :class:`robovla.errors.ConfigError` naming the fl
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,8 @@ def check(run: RunConfig, resuming: bool = False) -> None:
 
 
 def writable(path: Path, flag: str) -> str | None:
-    """The problem with creating or writing folder ``path`` (given by ``flag``), or None."""
+    """The problem with creating or writing folder ``path`` (given by ``flag``), or None. A
+    folder made and removed again in its nearest existing folder is the test; nothing stays."""
     path = Path(path).expanduser()
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -86,9 +88,11 @@ def writable(path: Path, flag: str) -> str | None:
     if not existing.is_dir():
         what = "is" if existing == path else f"would be inside {existing}, which is"
         return f"{flag} {path}: {what} a file, not a folder; choose a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "" if existing == path else f" (its nearest existing folder {existing})"
-        return f"{flag} {path}: cannot be written{where}: permission denied; choose a folder you can write"
+    try:  # a real probe: permission bits say nothing for root, read-only mounts or /proc
+        tempfile.TemporaryDirectory(prefix=".robovla-probe-", dir=existing).cleanup()
+    except OSError as exc:
+        where = "" if existing == path else f" (in its nearest existing folder {existing})"
+        return f"{flag} {path}: cannot be written{where}: {exc.strerror or exc}; choose a folder you can write"
     return None
 
 
