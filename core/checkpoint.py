@@ -1,4 +1,4 @@
-"""Run folders and checkpoints: written atomically, read back with weights_only.
+"""Run folders and checkpoints: written atomically, read back with weights_only, verified.
 
     runs/<name>/
       config.toml               the resolved configuration, with plugin versions under [meta]
@@ -6,8 +6,10 @@
       metrics.csv               every logged value: step, split, key, value
       checkpoints/step-000500/  model.safetensors (full fine-tuning) or trainable.safetensors
                                 + adapter_config.json (LoRA: adapter and fully trained weights),
-                                optimizer.pt, state.json (step, epoch, batch, schedule),
-                                rng-<rank>.json (each process's RNG states)
+                                optimizer.pt, state.json (step, epoch, batch, schedule, the
+                                resolved config, the sha256 of every file beside it and of
+                                action_stats.json), rng-<rank>.json (each process's RNG
+                                states, :mod:`robovla.rng`)
       checkpoints/last          symlink to the newest complete checkpoint
 
 With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
@@ -16,20 +18,22 @@ With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded chec
 A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed into
 place; only then does ``last`` move (by renaming a new symlink over it). A process killed
 at any moment leaves ``last`` at a complete checkpoint; unfinished folders are removed the
-next time the run starts.
+next time the run starts. Reading one checks state.json and every file's sha256 (older
+checkpoints are read unverified); a file that cannot be read is a :class:`DamagedError`.
 """
 
 from __future__ import annotations
 
-import base64
+import hashlib
 import json
+import math
 import os
-import random
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 
 from robovla import finetune
@@ -38,6 +42,7 @@ from robovla.errors import ConfigError, RobovlaError
 CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json", "optimizer.pt", "model.safetensors"
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
 CONFIG, STATS = "config.toml", "action_stats.json"
+STEP_NAME = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(RobovlaError, FileNotFoundError):
@@ -46,6 +51,10 @@ class CheckpointError(RobovlaError, FileNotFoundError):
 
 class NotARunError(ConfigError, FileNotFoundError):
     """A folder given as a run folder lacks what ``robo-run`` writes into one."""
+
+
+class DamagedError(RobovlaError, ValueError):
+    """A file of a run is missing, unreadable, or not what robovla wrote; the message names it."""
 
 
 def run_config(run_dir: str | Path, what: str, header: str = "not a run folder", stats: bool = False) -> Path:
@@ -59,61 +68,15 @@ def run_config(run_dir: str | Path, what: str, header: str = "not a run folder",
     return run_dir / CONFIG
 
 
+# ---------------------------------------------------------------------------- writing
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def rng_state(device: torch.device | None = None) -> dict[str, Any]:
-    """This process's Python, numpy and torch CPU RNG states, and ``device``'s when it is a
-    CUDA device; JSON-ready."""
-    state = {"python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
-             "numpy": base64.b64encode(json.dumps(np.random.get_state()[1].tolist()).encode()).decode(),
-             "numpy_pos": int(np.random.get_state()[2]),
-             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
-    """Inverse of :func:`rng_state`."""
-    def tensor(key: str) -> torch.Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(state[key])), dtype=torch.uint8)
-
-    version, internal, gauss = json.loads(base64.b64decode(state["python"]))
-    random.setstate((version, tuple(internal), gauss))
-    keys = np.asarray(json.loads(base64.b64decode(state["numpy"])), dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"]))
-    torch.set_rng_state(tensor("torch"))
-    if device is not None and device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(tensor("cuda"), device)
-
-
-def rng_file(folder: Path, rank: int) -> Path:
-    return Path(folder) / f"rng-{rank}.json"
-
-
-def save_rng(folder: Path, rank: int, device: torch.device | None = None) -> None:
-    """Write process ``rank``'s RNG states into checkpoint folder ``folder`` (every process its own)."""
-    rng_file(folder, rank).write_text(json.dumps(rng_state(device)))
-
-
-def load_rng(folder: Path, rank: int, device: torch.device | None = None) -> bool:
-    """Restore process ``rank``'s RNG states from ``folder``; False when it holds none for
-    that rank (a run resumed on more processes than it was saved from)."""
-    file = rng_file(folder, rank)
-    if file.is_file():
-        set_rng_state(json.loads(file.read_text()), device)
-        return True
-    legacy = json.loads((Path(folder) / STATE).read_text()).get("rng")  # one state for all ranks
-    if rank == 0 and legacy is not None:
-        set_rng_state(legacy, device)
-        return True
-    return False
 
 
 def begin(run_dir: Path, step: int) -> Path:
@@ -127,13 +90,21 @@ def begin(run_dir: Path, step: int) -> Path:
 
 
 def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
-    """Add state.json, flush, rename ``tmp`` into place and point ``last`` at it."""
+    """Add state.json (with every file's sha256), flush, rename ``tmp`` into place and point
+    ``last`` at it."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=2))
-    for file in tmp.rglob("*"):
+    files = {}
+    for file in sorted(tmp.rglob("*")):
         if file.is_file():
             _fsync(file)
+            files[file.relative_to(tmp).as_posix()] = sha256(file)
+    stats = Path(run_dir) / STATS
+    record = {**state, "step": step, "files": files}
+    if stats.is_file():
+        record["action_stats_sha256"] = sha256(stats)
+    (tmp / STATE).write_text(json.dumps(record, indent=2))
+    _fsync(tmp / STATE)
     if final.exists():  # the same step again (e.g. a signal right after a scheduled save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -151,6 +122,8 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder. Under
     LoRA the weights are :func:`robovla.finetune.save_trainable`'s (adapter and trainable).
     One process: its RNG state is saved as rank 0's."""
+    from robovla.rng import save_rng
+
     tmp = begin(run_dir, step)
     save_rng(tmp, 0)
     write_model(tmp, model, optimizer, lora)
@@ -194,33 +167,181 @@ def clean(run_dir: Path) -> list[Path]:
     return stale
 
 
+# ---------------------------------------------------------------------------- reading
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def earlier(folder: Path) -> str:
+    """What to do about a damaged checkpoint ``folder``: the checkpoint before it, if any."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.parent.glob("step-*") if p.is_dir() and p.name < folder.name)
+    if not names:
+        return "no earlier checkpoint is there: restore the file from a copy, or train the run again"
+    return (f"fix: use the earlier checkpoint {folder.parent / names[-1]} (serve or eval with --checkpoint "
+            f"{names[-1]}; to resume from it, point last at it: ln -sfn {names[-1]} {folder.parent / LAST})")
+
+
+@contextmanager
+def reading(file: Path, what: str, fix: str) -> Iterator[None]:
+    """Any error raised while reading ``file`` as ``what`` -> a :class:`DamagedError` naming it."""
+    try:
+        yield
+    except RobovlaError:
+        raise
+    except FileNotFoundError as exc:
+        raise DamagedError(f"{file}: missing; {fix}") from exc
+    except Exception as exc:  # safetensors', torch's, pickle's, json's, peft's, numpy's own errors
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise DamagedError(f"{file}: cannot be read as {what} ({type(exc).__name__}: {detail}); it is damaged or "
+                           f"not the file robovla wrote; {fix}") from exc
+
+
+def read_json(file: Path, what: str, fix: str) -> Any:
+    """The JSON in ``file``, or a :class:`DamagedError` naming it."""
+    with reading(file, what, fix):
+        return json.loads(Path(file).read_text())
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """state.json of checkpoint ``folder``, checked: counts are integers >= 0 and the step is
+    the folder's, seconds finite, checksums and config of the right types."""
+    folder = Path(folder)
+    file, fix = folder / STATE, earlier(folder)
+    state = read_json(file, "a checkpoint's state (JSON)", fix)
+    if not isinstance(state, dict):
+        raise DamagedError(f"{file}: expected a JSON object, got {type(state).__name__}; {fix}")
+    problems = []
+    for key, low in {"step": 0, "epoch": 0, "batch": 0, "world_size": 1, "steps_per_epoch": 0}.items():
+        value = state.get(key)
+        if (key in state or key in ("step", "epoch", "batch")) and (type(value) is not int or value < low):
+            problems.append(f"{key} is {json.dumps(value)}, expected an integer >= {low}")
+    seconds = state.get("train_seconds", 0)
+    if type(seconds) not in (int, float) or not math.isfinite(seconds) or seconds < 0:
+        problems.append(f"train_seconds is {json.dumps(seconds)}, expected a finite number >= 0")
+    named = STEP_NAME.fullmatch(folder.name)
+    if named and type(state.get("step")) is int and int(named[1]) != state["step"]:
+        problems.append(f"step is {state['step']}, but the folder is {folder.name}")
+    files = state.get("files", {})
+    if not isinstance(files, dict) or not all(_relative(k) and _digest(v) for k, v in files.items()):
+        problems.append("files is not {relative path: sha256 hex digest}")
+    if not _digest(state.get("action_stats_sha256", "0" * 64)):
+        problems.append("action_stats_sha256 is not a sha256 hex digest")
+    if not isinstance(state.get("config", {}), dict):
+        problems.append("config is not a table of sections")
+    if problems:
+        raise DamagedError(f"{file}: damaged or edited ({'; '.join(problems)}); {fix}")
+    return state
+
+
+def _digest(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _relative(name: str) -> bool:
+    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def verify(folder: Path, state: dict[str, Any], weights_only: bool = False) -> bool:
+    """Check the files state.json lists (with ``weights_only``: all but the optimizer and
+    RNG states) and the run's action_stats.json against their sha256; False for a checkpoint
+    saved before checksums, which is not verified."""
+    folder, fix, files = Path(folder), earlier(folder), state.get("files")
+    if files is None:
+        return False
+    for name, digest in sorted(files.items()):
+        path = folder / name
+        if weights_only and (name == OPTIMIZER or name.startswith("rng-")):
+            continue
+        if not path.is_file():
+            raise DamagedError(f"{path}: missing, though {folder / STATE} lists it; {fix}")
+        if sha256(path) != digest:
+            raise DamagedError(f"{path}: corrupted (its sha256 is not the one {folder / STATE} recorded when it "
+                               f"was saved); {fix}")
+    stats = folder.parent.parent / STATS
+    if "action_stats_sha256" in state and stats.is_file() and sha256(stats) != state["action_stats_sha256"]:
+        raise DamagedError(f"{stats}: changed since {folder} was saved (its sha256 is not the one {folder / STATE} "
+                           "recorded); restore the file the run was trained with")
+    return True
+
+
 def last(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run folder, or a clear error."""
-    link = Path(run_dir) / CHECKPOINTS / LAST
-    if not link.exists():
+    """The newest complete checkpoint of a run folder (``last`` links to a step-N folder
+    beside it), or a clear error."""
+    root = Path(run_dir) / CHECKPOINTS
+    link = root / LAST
+    if not link.exists() and not link.is_symlink():
         raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
                               "or this is not a run folder")
-    return link.resolve()
+    names = sorted(p.name for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
+    fix = f"fix: point it at a checkpoint: ln -sfn {names[-1]} {link}" if names else "and no step-N folder is there"
+    try:
+        target = os.readlink(link) if link.is_symlink() else None
+        folder = link.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # dangling, or a loop
+        raise DamagedError(f"{link}: points to {target}, which cannot be opened ({type(exc).__name__}); {fix}") \
+            from exc
+    if target is None or folder.parent != root.resolve() or not folder.is_dir() or not STEP_NAME.fullmatch(folder.name):
+        what = f"a link to {target}" if target is not None else "not a link"
+        raise DamagedError(f"{link}: {what}, not a link to a checkpoint folder step-N beside it; {fix}")
+    return folder
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``); returns its state.json contents.
-    A sharded (FSDP or DeepSpeed) checkpoint's weights are gathered in this one process."""
-    from safetensors.torch import load_model
+def weight_files(folder: Path, state: dict[str, Any]) -> str | None:
+    """FULL, SHARDED or finetune.TRAINABLE, as ``folder``'s state.json lists them (or its files are); or None."""
+    names = state["files"] if "files" in state else [p.name for p in Path(folder).iterdir()]
+    return next((kind for kind in (FULL, SHARDED, finetune.TRAINABLE)
+                 if kind in names or any(n.startswith(kind + "/") for n in names)), None)
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         verified: bool = False) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (and ``optimizer``) after checking its state.json and
+    checksums (not again when ``verified``); returns the state. A sharded (FSDP or DeepSpeed)
+    checkpoint's weights are gathered in this one process."""
+    from safetensors.torch import load_file
 
     folder = Path(folder)
-    if (folder / FULL).is_file():
-        load_model(model, str(folder / FULL))
-    elif (folder / SHARDED).exists():
+    state, fix = read_state(folder), earlier(folder)
+    if not verified:
+        verify(folder, state, weights_only=optimizer is None)
+    kind = weight_files(folder, state)
+    if kind == FULL:
+        with reading(folder / FULL, "safetensors weights", fix):
+            weights = load_file(folder / FULL)
+        model.load_state_dict(checked_state(model, weights, f"{folder / FULL} (for the model config.toml "
+                                                            "describes)"), strict=False)
+    elif kind == SHARDED:
         if optimizer is not None:
             raise RobovlaError(f"{folder}: a sharded optimizer state is restored by the strategy that wrote it "
                                "(robo-run --resume), not in one process")
         model.load_state_dict(checked_state(model, consolidated(folder), str(folder)), strict=False)
+    elif kind == finetune.TRAINABLE:
+        if (folder / finetune.ADAPTER).exists():
+            read_json(folder / finetune.ADAPTER, "a LoRA adapter config (JSON)", fix)
+        with reading(folder / finetune.TRAINABLE, "LoRA adapter and trainable weights", fix):
+            finetune.load_trainable(model, folder)
     else:
-        finetune.load_trainable(model, folder)
+        raise DamagedError(f"{folder}: no weights ({FULL} for full fine-tuning, {finetune.TRAINABLE} for LoRA, or "
+                           f"{SHARDED}/); {fix}")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
-    return json.loads((folder / STATE).read_text())
+        load_optimizer(folder / OPTIMIZER, optimizer, fix)
+    return state
+
+
+def load_optimizer(file: Path, optimizer: torch.optim.Optimizer, fix: str) -> None:
+    """``file``'s optimizer state into ``optimizer``, each moment's shape checked against its parameter's."""
+    with reading(file, "an optimizer state (torch.load, weights only)", fix):
+        optimizer.load_state_dict(torch.load(file, weights_only=True))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.ndim and value.shape != p.shape:
+                    raise DamagedError(f"{file}: {key} has shape {list(value.shape)} for a parameter of shape "
+                                       f"{list(p.shape)}; it does not belong to this model; {fix}")
 
 
 def consolidated(folder: Path) -> dict[str, torch.Tensor]:
@@ -242,14 +363,16 @@ def consolidated(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: neither an FSDP distributed checkpoint (.metadata) nor a DeepSpeed one (latest)")
 
 
-def resumable(run_dir: Path) -> Path:
-    """The checkpoint ``--resume`` continues from, or a clear error when it cannot."""
+def resumable(run_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``--resume`` continues from and its state, every file verified, or a clear error."""
     folder = last(run_dir)
-    if not (folder / OPTIMIZER).is_file() and not (folder / SHARDED).exists():
+    state = read_state(folder)
+    verify(folder, state)
+    if not (folder / OPTIMIZER).is_file() and weight_files(folder, state) != SHARDED:
         raise CheckpointError(f"{folder} holds weights but no optimizer state (e.g. a converted checkpoint), so "
                               f"there is nothing to resume; start a new run from its weights with --train.init "
                               f"{run_dir}")
-    return folder
+    return folder, state
 
 
 def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
@@ -285,38 +408,42 @@ def checked_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], wher
                                         if weights[n].shape != first.shape or not torch.equal(weights[n], first)]
         kept[present[0]] = first
     found["not in the model"] = sorted(set(weights) - set(expected))
-    lines = []
-    for label, items in found.items():
-        if items:
-            lines.append(f"  {label} ({len(items)}): " + "".join(f"\n    {i}" for i in items[:10])
-                         + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else ""))
+    lines = [f"  {label} ({len(items)}): " + "".join(f"\n    {i}" for i in items[:10])
+             + (f"\n    ... and {len(items) - 10} more" if len(items) > 10 else "")
+             for label, items in found.items() if items]
     if lines:
         raise RobovlaError(f"{where} does not fit the model:\n" + "\n".join(lines))
     return kept
 
 
 def init_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Load the weights of a run or checkpoint folder into ``model`` (``--train.init``); a LoRA
-    checkpoint is rebuilt from its run's config and merged first. Returns the checkpoint folder."""
+    """Load the weights of a run or checkpoint folder into ``model`` (``--train.init``), verified;
+    a LoRA checkpoint is rebuilt from its run's config and merged first. Returns the checkpoint folder."""
     from safetensors.torch import load_file
 
     folder = checkpoint_folder(path)
-    if (folder / FULL).is_file():
-        state = load_file(folder / FULL)
-    elif (folder / SHARDED).exists():
-        state = consolidated(folder)
-    else:
+    state = read_state(folder)
+    verify(folder, state, weights_only=True)
+    kind = weight_files(folder, state)
+    if kind == FULL:
+        with reading(folder / FULL, "safetensors weights", earlier(folder)):
+            weights = load_file(folder / FULL)
+    elif kind == SHARDED:
+        weights = consolidated(folder)
+    elif kind == finetune.TRAINABLE:
         from robovla import config as cfg
         from robovla.vla import build
 
-        config_file = folder.parent.parent / "config.toml"
+        config_file = folder.parent.parent / CONFIG
         if not config_file.is_file():
             raise CheckpointError(f"--train.init {path}: a LoRA checkpoint is read with its run's config.toml, and "
                                   f"{config_file} is missing")
         with torch.random.fork_rng(devices=[]):
             source = build(cfg.resolve(cfg.NONE, config_file, []), init=False)
-        load(folder, source)
+        load(folder, source, verified=True)
         finetune.merge_lora(source)
-        state = source.state_dict()
-    model.load_state_dict(checked_state(model, state, f"--train.init {folder}"), strict=False)
+        weights = source.state_dict()
+    else:
+        raise DamagedError(f"--train.init {folder}: no weights ({FULL}, {finetune.TRAINABLE} or {SHARDED}/)")
+    model.load_state_dict(checked_state(model, weights, f"--train.init {folder}"), strict=False)
     return folder

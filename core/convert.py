@@ -180,7 +180,7 @@ def convert(source: str, checkpoint: str | Path, base: str, out: str | Path, con
     out.mkdir(parents=True, exist_ok=True)
     (out / ckpt.CONFIG).write_text(config_toml(run))
     (out / ckpt.STATS).write_text(json.dumps(space.state_dict(), indent=2))
-    ckpt.save_weights(out, 0, weights, {"epoch": 0, "batch": 0, "converted_from": {
+    ckpt.save_weights(out, 0, weights, {"epoch": 0, "batch": 0, "config": run.to_dict(), "converted_from": {
         "source": source, "checkpoint": str(Path(checkpoint).expanduser().resolve()), "base": base,
         "config": None if config is None else str(Path(config).expanduser().resolve())}})
     count = sum(t.numel() for t in weights.values())

@@ -77,10 +77,31 @@ def action_space(run: RunConfig, dataset: Any) -> Any:
 
 
 def saved_action_space(run: RunConfig, run_dir: Path) -> Any:
-    """The run's action space with the statistics it was fitted to (``run_dir``'s action_stats.json)."""
+    """The run's action space with the statistics it was fitted to (``run_dir``'s action_stats.json),
+    checked: a JSON object of finite numbers that the space loads and decodes with."""
     import robovla
-    from robovla.checkpoint import STATS
+    from robovla.checkpoint import STATS, DamagedError, read_json, reading
 
+    file = Path(run_dir) / STATS
+    fix = "it is written when the run starts and read with every checkpoint: restore it from a copy of the run"
+    state = read_json(file, "the fitted action space (JSON)", fix)
+    try:
+        plain = isinstance(state, dict) and _finite(state)
+    except RecursionError:
+        plain = False
+    if not plain:
+        raise DamagedError(f"{file}: expected a JSON object of finite numbers (the fitted action space), got "
+                           f"{json.dumps(state)[:200]}; {fix}")
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)
-    space.load_state_dict(json.loads((Path(run_dir) / STATS).read_text()))
+    with reading(file, f"the fitted state of action space {run.action_space.name!r}", fix):
+        space.load_state_dict(state)
+        space.decode(np.zeros((1, space.action_dim)), np.zeros((1, 15)))  # statistics of the wrong shape fail here
     return space
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return isinstance(value, str | bool) or value is None or (isinstance(value, int | float) and np.isfinite(value))

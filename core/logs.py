@@ -13,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-HEADER = "step,split,key,value"
+from robovla.errors import RobovlaError
+
+HEADER, METRICS = "step,split,key,value", "metrics.csv"
 
 
 class Sink(Protocol):
@@ -28,10 +30,8 @@ class CsvSink:
 
     def __init__(self, file: Path, resume_step: int | None):
         self.file = file
-        rows = file.read_text().splitlines() if file.is_file() else [HEADER]
-        if resume_step is not None:
-            rows = rows[:1] + [r for r in rows[1:] if int(r.split(",")[0]) <= resume_step]
-        file.write_text("\n".join(rows) + "\n")
+        kept = [row for row in rows(file) if resume_step is None or row[0] <= resume_step]
+        file.write_text("\n".join([HEADER] + [f"{s},{split},{k},{v:.8g}" for s, split, k, v in kept]) + "\n")
 
     def log(self, step: int, split: str, values: dict[str, float]) -> None:
         with open(self.file, "a") as f:
@@ -81,7 +81,7 @@ class Logs:
         is named. ``writer`` False (ranks other than 0): none."""
         if not writer:
             return cls([])
-        sinks: list[Sink] = [CsvSink(run_dir / "metrics.csv", resume_step)]
+        sinks: list[Sink] = [CsvSink(run_dir / METRICS, resume_step)]
         try:
             sinks.append(TensorBoardSink(run_dir / "tensorboard"))
         except ImportError:  # tensorboard is optional
@@ -99,10 +99,30 @@ class Logs:
             sink.close()
 
 
+def rows(file: Path) -> list[tuple[int, str, str, float]]:
+    """A metrics.csv's rows as (step, split, key, value), each checked (none when there is no
+    file), or a :class:`robovla.RobovlaError` naming the line that is not one."""
+    try:
+        lines = Path(file).read_text().splitlines() if Path(file).exists() else [HEADER]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RobovlaError(f"{file}: cannot be read ({exc}); move it aside to start a new one") from None
+    out = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split(",")
+        try:
+            row = (int(parts[0]), parts[1], parts[2], float(parts[3]))
+        except (ValueError, IndexError):
+            row = None
+        if lines[0] != HEADER or row is None or len(parts) != 4 or row[0] < 0:
+            raise RobovlaError(f"{file}, line {1 if lines[0] != HEADER else n}: not a row of a robovla metrics.csv "
+                               f"({HEADER}); the file is damaged: remove that line, or move the file aside")
+        out.append(row)
+    return out
+
+
 def read(run_dir: Path) -> list[tuple[int, str, str, float]]:
     """metrics.csv's rows as (step, split, key, value)."""
-    rows = (Path(run_dir) / "metrics.csv").read_text().splitlines()[1:]
-    return [(int(s), split, k, float(v)) for s, split, k, v in (r.split(",") for r in rows)]
+    return rows(Path(run_dir) / METRICS)
 
 
 def plot(run_dir: Path) -> Path | None:

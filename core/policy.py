@@ -185,12 +185,12 @@ class Policy:
                 folder = run_dir / ckpt.CHECKPOINTS / str(checkpoint)
             if not folder.is_dir():
                 names = sorted(p.name for p in (run_dir / ckpt.CHECKPOINTS).glob("step-*"))
-                raise FileNotFoundError(f"checkpoint {checkpoint!r}: neither a folder nor one of {run_dir}'s "
-                                        f"checkpoints {names}")
+                raise ckpt.CheckpointError(f"checkpoint {checkpoint!r}: neither a folder nor one of {run_dir}'s "
+                                           f"checkpoints {names}")
         run = cfg.resolve(cfg.NONE, config_file, [])
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
             vla = build(run, init=False)  # the checkpoint holds every weight
-        state = ckpt.load(folder, vla)
+        state = ckpt.load(folder, vla)  # state.json checked, the weights' checksums verified
         space = saved_action_space(run, run_dir)
         info = {"run": str(run_dir), "checkpoint": folder.name, "step": state.get("step"),
                 "backbone": run.backbone.name, "head": run.head.name,

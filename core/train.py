@@ -35,6 +35,7 @@ import torch
 from robovla import checkpoint
 from robovla.config import RunConfig
 from robovla.logs import Logs, plot
+from robovla.runs import load_rng, save_rng
 
 RUN_DIR_ENV = "ROBOVLA_RUN_DIR"  # how re-launched ranks learn the run folder the first one chose
 
@@ -143,14 +144,15 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     from lightning_fabric import Fabric
 
     f = run.fabric
-    if resume is not None:
-        checkpoint.resumable(resume)  # before any process starts: a converted run has no optimizer state
     run_dir = Path(resume) if resume is not None else run_dir_for(run)
-    previous = os.environ.get(RUN_DIR_ENV)
+    previous = os.environ.get(RUN_DIR_ENV)  # set: a process the launcher started, the folder checked already
+    fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
+                    precision=f.precision)
+    if previous is None:
+        for note in checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite, accept_changes):
+            print(note)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
     try:
-        fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
-                        precision=f.precision)
         result = fabric.launch(_main, run, config_text, run_dir, resume is not None, progress)
     finally:
         if previous is None:
@@ -161,6 +163,25 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     if run.train.eval_env and fabric.is_global_zero:  # the strategy is done: read back what it saved
         evaluate_run(run, run_dir, device="cuda" if fabric.device.type == "cuda" else "cpu")
     return run_dir
+
+
+def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: int, overwrite: bool,
+                   accept_changes: bool) -> list[str]:
+    """Before any process starts: a resumed run's checkpoint is whole and saved with this config
+    (:func:`robovla.runs.check_resume`); a new run's folder holds no earlier run (``overwrite``
+    removes it) and its ``--train.init`` checkpoint is whole. Returns notes to print."""
+    from robovla import runs
+
+    if resuming:
+        return runs.check_resume(run, run_dir, world_size, accept_changes)
+    init = run.train.init and Path(run.train.init).expanduser().resolve()
+    if overwrite and init and init.is_relative_to(Path(run_dir).resolve()):
+        raise runs.RunFolderError(f"--train.init {run.train.init} is inside {run_dir}, which --overwrite would delete")
+    removed = runs.claim(run_dir, overwrite)
+    if init:
+        folder = checkpoint.checkpoint_folder(init)
+        checkpoint.verify(folder, checkpoint.read_state(folder), weights_only=True)
+    return [f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}"] if removed else []
 
 
 def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool, progress: bool) -> str:
@@ -206,12 +227,12 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     steps_per_epoch = len(loader) // t.grad_accum
     sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))
     folder = checkpoint.last(run_dir) if resuming else None
-    state = checkpoint.load(folder, vla, optimizer) if folder and not sharded else None
+    state = checkpoint.load(folder, vla, optimizer, verified=True) if folder and not sharded else None
     model, optimizer = fabric.setup(vla, optimizer)
     model.mark_forward_method("loss")
     if folder and sharded:
         fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
-        state = json.loads((folder / checkpoint.STATE).read_text())
+        state = checkpoint.read_state(folder)
     s = Session(fabric, run, run_dir, vla, model, optimizer, loader, val_loader,
                 Logs.open(run_dir, fabric.is_global_zero, state["step"] if state else None, t.wandb_project),
                 steps_per_epoch, total=t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)),
@@ -221,7 +242,7 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
         return s
     s.step, s.epoch, s.consumed = state["step"], state["epoch"], state["batch"]
     s.trained_before = state.get("train_seconds", 0.0)
-    if not checkpoint.load_rng(folder, fabric.global_rank, fabric.device):
+    if not load_rng(folder, fabric.global_rank, fabric.device):
         fabric.print(f"note: {folder} holds no RNG state for process {fabric.global_rank} (it was saved by "
                      f"{state.get('world_size')}); that process starts a fresh stream, so the run is not bit-exact")
         torch.manual_seed(t.seed + fabric.global_rank + s.step)
@@ -237,13 +258,12 @@ def loaders(fabric: Any, run: RunConfig, vla: Any, run_dir: Path, resuming: bool
 
     t = run.train
     data = open_dataset(run, "train")
-    stats = run_dir / checkpoint.STATS
-    if resuming and stats.is_file():
+    if resuming:
         space = saved_action_space(run, run_dir)
     else:
         space = action_space(run, data)
         if fabric.is_global_zero:
-            stats.write_text(json.dumps(space.state_dict(), indent=2))
+            (run_dir / checkpoint.STATS).write_text(json.dumps(space.state_dict(), indent=2))
     windows = WindowDataset(data, space, t.window, t.chunk)
     if len(windows) < t.batch_size * fabric.world_size:
         raise ValueError(f"{len(windows)} training windows are fewer than one global batch "
@@ -375,10 +395,10 @@ def save(s: Session) -> None:
     shard) into one temporary folder, which the first process completes and commits."""
     fabric = s.fabric
     state = {"epoch": s.epoch, "batch": s.consumed, "world_size": fabric.world_size,
-             "steps_per_epoch": s.steps_per_epoch,
-             "train_seconds": s.trained_before + time.perf_counter() - s.started}
+             "steps_per_epoch": s.steps_per_epoch, "train_seconds": s.trained_before + time.perf_counter() - s.started,
+             "config": s.run.to_dict()}  # what --resume compares its config.toml with
     tmp = fabric.broadcast(checkpoint.begin(s.run_dir, s.step) if fabric.is_global_zero else None)
-    checkpoint.save_rng(tmp, fabric.global_rank, fabric.device)
+    save_rng(tmp, fabric.global_rank, fabric.device)
     if s.sharded:
         fabric.save(tmp / checkpoint.SHARDED, {"model": s.model, "optimizer": s.optimizer})
     fabric.barrier()

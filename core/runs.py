@@ -1,0 +1,175 @@
+"""A run folder across runs: a new run's claim on it (``--overwrite``), the checks before
+``--resume`` (its checkpoint whole, saved with the same config and process count), and every
+process's RNG states (``rng-<rank>.json`` beside each checkpoint), which make the resumed run
+draw the same random numbers as one that never stopped.
+
+A saved RNG state is tried on a fresh generator of each kind before any of this process's
+generators changes, so a damaged file is an error naming it, never a half-restored state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robovla.checkpoint import CHECKPOINTS, CONFIG, STATE, STATS, earlier, read_json, read_state, reading
+from robovla.config import RunConfig
+from robovla.errors import RobovlaError
+
+# what --overwrite removes from a run folder: robovla's own files (anything else stays)
+OWN = (CHECKPOINTS, CONFIG, STATS, "metrics.csv", "tensorboard", "wandb", "loss.png", "eval.json", "eval")
+
+
+class RunFolderError(RobovlaError, FileExistsError):
+    """A new run's folder already holds a run."""
+
+
+class DriftError(RobovlaError, ValueError):
+    """A run would resume with another config or process count than its checkpoint was saved with."""
+
+
+def claim(run_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Make ``run_dir`` ready for a new run: one that holds anything is refused unless
+    ``overwrite``, which removes robovla's own files from it (:data:`OWN`: checkpoints, logs,
+    plots, eval results, config) and keeps any other; returns what it removed."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --train.run_name")
+    held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if not held:
+        return []
+    if not overwrite:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise RunFolderError(f"{run_dir} already holds a run ({shown}); continue it with `robo-run --resume "
+                             f"{run_dir}`, start it over with --overwrite (deletes its checkpoints, logs, plots, "
+                             "eval results and config), or choose another --train.run_name")
+    removed = []
+    for path in (run_dir / name for name in OWN):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``section.field: saved -> now`` for every field that differs between two resolved
+    configs (:meth:`robovla.config.RunConfig.to_dict`)."""
+    def flat(config: dict[str, Any]) -> dict[str, str]:
+        return {f"{s}.{k}": json.dumps(v) for s, body in config.items() if isinstance(body, dict)
+                for k, v in body.items()}
+
+    a, b = flat(saved), flat(json.loads(json.dumps(now)))
+    return [f"{key}: {a.get(key, '(absent)')} -> {b.get(key, '(absent)')}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key)]
+
+
+def check_resume(run: RunConfig, run_dir: Path, world_size: int, accept_changes: bool = False) -> list[str]:
+    """Before any process starts, what ``--resume run_dir`` needs: its last checkpoint whole
+    (state, checksums, every process's RNG states), its action_stats.json and metrics.csv
+    readable, and the config and process count the checkpoint was saved with unchanged (with
+    ``accept_changes``: changes allowed). Returns notes to print."""
+    from robovla import checkpoint, logs
+    from robovla.data import saved_action_space
+
+    folder, state = checkpoint.resumable(run_dir)
+    saved_action_space(run, run_dir)
+    for rank in range(world_size):
+        read_rng(folder, rank)
+    logs.rows(Path(run_dir) / logs.METRICS)
+    if "config" not in state:
+        return [f"note: {folder} was saved before robovla recorded a checkpoint's config and process count; "
+                "resuming without comparing them"]
+    found = changes(state["config"], run.to_dict())
+    if state.get("world_size", world_size) != world_size:
+        found.append(f"processes (--fabric.devices x --fabric.num_nodes): {state['world_size']} -> {world_size}")
+    if found and not accept_changes:
+        where = f"{Path(run_dir) / CONFIG}" + (f" and run on {state['world_size']} processes" if found[-1]
+                                               .startswith("processes") else "")
+        raise DriftError(f"cannot resume {run_dir}: {folder.name} was saved with another config or process count, "
+                         "so the resumed run would not be exact:\n" + "".join(f"  {c}\n" for c in found)
+                         + f"fix: restore the saved values in {where}, or pass --accept-changes to continue anyway")
+    return [f"note: --accept-changes: resuming {folder.name} with a change (saved -> now): {c}" for c in found]
+
+
+# ------------------------------------------------------------------------------ RNG
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's Python, numpy and torch CPU RNG states, and ``device``'s when it is a
+    CUDA device; JSON-ready."""
+    state = {"python": base64.b64encode(json.dumps(random.getstate()).encode()).decode(),
+             "numpy": base64.b64encode(json.dumps(np.random.get_state()[1].tolist()).encode()).decode(),
+             "numpy_pos": int(np.random.get_state()[2]),
+             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def decoded(state: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`rng_state`'s dict -> (python, numpy, torch, cuda or None) states, each tried on a
+    fresh generator: a damaged one raises here, before any of this process's generators changes."""
+    def raw(key: str) -> bytearray:
+        return bytearray(base64.b64decode(state[key], validate=True))
+
+    version, internal, gauss = json.loads(raw("python"))
+    python = (version, tuple(internal), gauss)
+    numpy = ("MT19937", np.asarray(json.loads(raw("numpy")), dtype=np.uint32), state["numpy_pos"])
+    cpu = torch.frombuffer(raw("torch"), dtype=torch.uint8)
+    random.Random().setstate(python)
+    np.random.RandomState().set_state(numpy)
+    torch.Generator().set_state(cpu)
+    return python, numpy, cpu, torch.frombuffer(raw("cuda"), dtype=torch.uint8) if "cuda" in state else None
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Inverse of :func:`rng_state`."""
+    python, numpy, cpu, cuda = decoded(state)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if device is not None and device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def rng_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / f"rng-{rank}.json"
+
+
+def save_rng(folder: Path, rank: int, device: torch.device | None = None) -> None:
+    """Write process ``rank``'s RNG states into checkpoint folder ``folder`` (every process its own)."""
+    rng_file(folder, rank).write_text(json.dumps(rng_state(device)))
+
+
+def read_rng(folder: Path, rank: int) -> dict[str, Any] | None:
+    """Process ``rank``'s RNG states saved in ``folder``, checked; None when it holds none for
+    that rank (a run resumed on more processes than it was saved from)."""
+    file, fix = rng_file(folder, rank), earlier(folder)
+    if file.is_file():
+        state = read_json(file, "RNG states (JSON)", fix)
+    elif rank == 0 and read_state(folder).get("rng") is not None:  # older checkpoints: one state for all ranks
+        file, state = Path(folder) / STATE, read_state(folder)["rng"]
+    else:
+        return None
+    with reading(file, "RNG states", fix):
+        decoded(state)
+    return state
+
+
+def load_rng(folder: Path, rank: int, device: torch.device | None = None) -> bool:
+    """Restore process ``rank``'s RNG states from ``folder``; False when it holds none for that rank."""
+    state = read_rng(folder, rank)
+    if state is not None:
+        set_rng_state(state, device)
+    return state is not None
