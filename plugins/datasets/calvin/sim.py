@@ -14,6 +14,9 @@ between the info at its start and the current info.
 from __future__ import annotations
 
 import importlib
+import os
+import re
+import types
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -23,6 +26,7 @@ from pydantic import Field
 import robovla
 from robovla.env import Chain, Observation
 from robovla.errors import unknown
+from robovla.safe_read import UnsafeFileError, open_regular
 from robovla_plugins.datasets.calvin.protocol import (NEUTRAL_ROBOT_OBS, NUM_SEQUENCES, TASKS, VALIDATION_INSTRUCTIONS,
                                                       apply, check_state, initial_scene_obs, initial_states, sequences,
                                                       task_achieved)
@@ -37,7 +41,8 @@ class CalvinSimError(robovla.RobovlaError, RuntimeError):
     """The CALVIN simulator cannot be built or was used wrongly; the message says how to fix it."""
 
 
-PIP_NAMES = {"hydra": "hydra-core", "cv2": "opencv-python", "quaternion": "numpy-quaternion", "git": "gitpython"}
+PIP_NAMES = {"yaml": "pyyaml", "hydra": "hydra-core", "cv2": "opencv-python", "quaternion": "numpy-quaternion",
+             "git": "gitpython"}
 """Import name -> PyPI name, for calvin_env's dependencies whose names differ."""
 
 
@@ -66,20 +71,127 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return factory
 
 
+CONFIG_LIMIT = 1 << 20  # bytes; CALVIN's merged_config.yaml has about 10 KB
+TARGET = re.compile(r"calvin_env(\.[A-Za-z][A-Za-z0-9_]*)+")  # written out; no dunders, no interpolation
+NODE_RESOLVERS = ("oc.create", "oc.decode")  # resolvers that turn a string into config nodes (a _target_ could hide)
+
+
+def read_config(file: Path) -> tuple[str, list[tuple[str, str]]]:
+    """The text of a split's ``merged_config.yaml`` and its hydra targets as (key path, name).
+
+    hydra's instantiate imports and calls whatever a ``_target_`` names, and the file comes
+    with a download, so it is refused unless every ``_target_`` is a calvin_env name written
+    out (``calvin_env.``..., not interpolated). :func:`check_targets` then checks, once
+    calvin_env is imported, that each name is a class or function calvin_env defines."""
+    try:
+        with open_regular(file) as f:
+            raw = f.read(CONFIG_LIMIT + 1)
+    except UnsafeFileError as exc:
+        raise CalvinSimError(str(exc)) from None
+    if len(raw) > CONFIG_LIMIT:
+        raise CalvinSimError(f"{file}: over {CONFIG_LIMIT} bytes; CALVIN's is about 10 KB: use the file from "
+                             "CALVIN's download")
+    yaml = _import("yaml", f"reading {file}")
+    try:
+        text = raw.decode("utf-8")
+        tree = yaml.safe_load(text)
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+        raise CalvinSimError(f"{file}: not readable YAML ({type(exc).__name__}: {exc})") from None
+    targets, problems = walk_targets(tree)
+    _refuse(file, problems)
+    return text, targets
+
+
+def _refuse(file: Path, problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise CalvinSimError(f"{file}: refused, it would make hydra call what is not calvin_env's (only calvin_env's "
+                             f"own classes and functions are built):\n  " +
+                             "\n  ".join(f"{where}: {what}" for where, what in problems[:20]) +
+                             "\nUse the .hydra/merged_config.yaml of CALVIN's own download.")
+
+
+def walk_targets(tree: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(key path, name) of every ``_target_``, and (key path, what is wrong) for each that is
+    not a calvin_env name written out and each string that builds config nodes."""
+    targets: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [("", tree)]
+    seen: set[int] = set()  # YAML anchors share nodes: visit each once
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, (dict, list)):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+        if isinstance(node, dict):
+            for key, value in node.items():
+                where = f"{path}.{key}" if path else str(key)
+                if key == "_target_":
+                    ok = isinstance(value, str) and TARGET.fullmatch(value)
+                    (targets if ok else problems).append((where, value if ok else f"target {value!r} is not a "
+                                                          "calvin_env name (calvin_env.module.Class, written out)"))
+                stack.append((where, value))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", value) for i, value in enumerate(node))
+        elif isinstance(node, str) and any(r in node for r in NODE_RESOLVERS):
+            problems.append((path, f"{node[:80]!r} builds config nodes from a string ({', '.join(NODE_RESOLVERS)})"))
+    return sorted(targets), sorted(problems)
+
+
+def _calvin_env_own(obj: Any) -> bool:
+    name = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+    return isinstance(name, str) and (name == "calvin_env" or name.startswith("calvin_env."))
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, types.ModuleType):
+        return f"the module {obj.__name__}"
+    return f"{type(obj).__name__} {getattr(obj, '__qualname__', '?')} of {getattr(obj, '__module__', None)}"
+
+
+def check_targets(file: Path, targets: list[tuple[str, str]]) -> None:
+    """Refuse targets that reach outside calvin_env through its attributes (e.g.
+    ``calvin_env.envs.play_table_env.os.system``: a module calvin_env imports). Each step is
+    looked up as hydra does (attribute, else submodule) and must be calvin_env's own module,
+    class or function; nothing is called."""
+    problems = []
+    for where, name in targets:
+        parts = name.split(".")
+        obj: Any = importlib.import_module(parts[0])
+        for i, part in enumerate(parts[1:], start=2):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                try:
+                    obj = importlib.import_module(".".join(parts[:i])) if isinstance(obj, types.ModuleType) else None
+                except ImportError:
+                    obj = None
+            if obj is None or not _calvin_env_own(obj):
+                problems.append((where, f"target {name!r}: {'.'.join(parts[:i])} " + (
+                    "does not exist" if obj is None else f"is {_describe(obj)}, not calvin_env's own")))
+                break
+    _refuse(file, problems)
+
+
 def make_calvin_env(dataset_path: Path, obs_space: dict[str, list[str]] | None = None, show_gui: bool = False,
                     use_egl: bool = False) -> Any:
     """calvin_env's ``get_env`` with the renderer chosen: the env section of the dataset's
     ``.hydra/merged_config.yaml`` (it says use_egl: true), only the cameras of ``obs_space``.
+    The file is checked first (:func:`read_config`, :func:`check_targets`): only calvin_env's
+    own classes and functions are built.
 
     get_env itself keeps the file's use_egl, so a machine without a working EGL driver could not
     run it headless; use_egl=False renders with pybullet's TinyRenderer on the CPU.
     """
-    _import("calvin_env.envs.play_table_env", "--env.simulator")  # the install advice, before hydra's errors
     file = Path(dataset_path) / ".hydra" / "merged_config.yaml"
-    if not file.is_file():
+    checked = read_config(file) if os.path.lexists(file) else None  # refused before anything is imported
+    _import("calvin_env.envs.play_table_env", "--env.simulator")  # the install advice, before hydra's errors
+    if checked is None:
         raise CalvinSimError(f"--env.path {dataset_path}: no .hydra/merged_config.yaml there; point it at the "
                              "validation/ folder of a CALVIN split, e.g. /data/task_D_D/validation")
-    config = _import("omegaconf", "--env.simulator").OmegaConf.load(file)
+    text, targets = checked
+    check_targets(file, targets)
+    config = _import("omegaconf", "--env.simulator").OmegaConf.create(text)  # the text that was checked
     instantiate = _import("hydra.utils", "--env.simulator").instantiate
     if obs_space is not None:
         wanted = {key.split("_", 1)[1] for key in obs_space["rgb_obs"] + obs_space["depth_obs"]}
@@ -101,10 +213,11 @@ class CalvinSim(robovla.Env):
         max_steps: int = Field(360, ge=1, description="env steps a subtask gets before the chain fails (CALVIN: 360)")
         use_egl: bool = Field(False, description="render with EGL on a GPU; false: pybullet's TinyRenderer on the "
                                                  "CPU (headless, no display or GL driver needed, slower)")
-        cameras: list[Literal["static", "gripper"]] = Field(["static", "gripper"], min_length=1,
-                                                            description="cameras to render (static 200x200, gripper 84x84)")
+        cameras: list[Literal["static", "gripper"]] = Field(
+            ["static", "gripper"], min_length=1, description="cameras to render (static 200x200, gripper 84x84)")
         simulator: str = Field(DEFAULT_SIMULATOR, description="'module:function' that builds the simulator, called as "
-                               "f(path, obs_space=..., show_gui=False, use_egl=...) and returning a calvin_env-like env")
+                               "f(path, obs_space=..., show_gui=False, use_egl=...) and returning a calvin_env-like "
+                               "env")
 
     def __init__(self, config: Any):
         super().__init__(config)
