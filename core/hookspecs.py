@@ -26,8 +26,9 @@ def register_backbones(register):
     :return: nothing; call ``register`` once per backbone.
 
     Use in plugins: the names become ``--backbone NAME``. A name must be unique among
-    all installed plugins; a second provider makes the name unusable until one is
-    disabled.
+    all installed plugins: a built-in name (distribution robovla) stays the built-in's and
+    the clash is reported; between two other plugins, a second provider makes the name
+    unusable until one is disabled. The same holds for every hook below.
     """
 
 
