@@ -91,7 +91,8 @@ def test_base_exceptions_at_import_and_in_hooks_break_only_their_plugin(site):
         rows[("plugin", "ki-import")]["error"]
     assert "GeneratorExit: closing" in rows[("plugin", "genexit-import")]["error"]
     assert "Custom: a BaseException of its own" in rows[("plugin", "custom-import")]["error"]
-    assert "PluginExit: the plugin called os._exit(7) while robovla ran its code" in rows[("plugin", "exit-import")]["error"]
+    assert "PluginExit: the plugin called os._exit(7) while robovla ran its code" in \
+        rows[("plugin", "exit-import")]["error"]
     assert "SystemExit: 4" in rows[("plugin", "sysexit-import")]["error"]
     for dist, error in HOOKS.items():
         row = rows[("plugin", dist)]
