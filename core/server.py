@@ -416,9 +416,9 @@ def main(argv: list[str]) -> int:
         if not 0 <= value < float("inf") or (value == 0 and flag == "read_timeout"):
             p.error(f"--{flag.replace('_', '-')} must be a finite number of seconds (> 0), got {value}")
     token = token_from(args.token)
+    fit_descriptors(args.max_connections)  # before the model loads: a refusal costs nothing
     policy = Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
                              execution=args.execute)
-    fit_descriptors(args.max_connections)
     server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,
                           session_timeout=args.session_timeout, max_connections=args.max_connections,
                           read_timeout=args.read_timeout, token=token)

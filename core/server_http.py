@@ -60,6 +60,7 @@ class HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # connections the system holds before they are accepted (socketserver's default: 5)
 
     def __init__(self, address: tuple[str, int], policy_server: Any, max_connections: int, read_timeout: float):
         self.policy_server, self.max_connections, self.read_timeout = policy_server, max_connections, read_timeout
@@ -225,6 +226,8 @@ class _Handler(BaseHTTPRequestHandler):
             answer(self._body(answer == self._act) if self.command == "POST" else b"", *sessions)
         except RequestError as exc:
             self._json(exc.status, {"error": str(exc), "status": exc.status})
+        except (ConnectionError, TimeoutError):  # the connection failed, not the request: _route closes it
+            raise
         except Exception as exc:  # noqa: BLE001 - a bug or a model failure: 500, and keep serving
             print(f"robo-run serve: {self.command} {self.path}: {type(exc).__name__}: {exc}", file=sys.stderr)
             self._json(500, {"error": f"{type(exc).__name__}: {exc}", "status": 500})
