@@ -82,6 +82,7 @@ def open_regular(path: Path | str) -> BinaryIO:
 
 _RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own helpers, whatever module this numpy keeps them in
 _SCALAR = np.float64(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5: an array from its bytes, no object dtype
 ALLOWED: dict[tuple[str, str], object] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -89,6 +90,8 @@ ALLOWED: dict[tuple[str, str], object] = {
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy.core.multiarray", "scalar"): _SCALAR,
     ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("_codecs", "encode"): __import__("_codecs").encode,  # how pickle protocol 2 spells a bytes object
 }
 """Everything a pickle may name: what rebuilds numpy arrays, dtypes and scalars. Plain

@@ -104,7 +104,7 @@ def _show(value: Any) -> str:
             return f"bytes that are not UTF-8 text {value[:24]!r}"
     if isinstance(value, str):
         return f"a str that is not valid Unicode {value[:24].encode('utf-8', 'backslashreplace')!r}"
-    return f"a {type(value).__name__} {repr(value)[:40]}"
+    return f"of type {type(value).__name__} ({repr(value)[:40]})"
 
 
 def _utf8(text: str) -> bool:
