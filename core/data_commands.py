@@ -110,8 +110,8 @@ def cmd_synth(argv: list[str]) -> int:
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
     counts = cls.synthesize(args.out, args.episodes, args.seed)
-    print(json.dumps(counts) if args.json else
-          "\n".join(f"{args.out / split}: {c['episodes']} episodes, {c['frames']} frames" for split, c in counts.items()))
+    print(json.dumps(counts) if args.json else "\n".join(
+        f"{args.out / split}: {c['episodes']} episodes, {c['frames']} frames" for split, c in counts.items()))
     return 0
 
 
