@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import queue
-import re
 import secrets
 import signal
 import sys
@@ -59,9 +57,9 @@ from typing import Any, Callable
 import numpy as np
 
 from robovla.env import Observation
-from robovla.errors import RobovlaError
 from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
-from robovla.server_http import ENDPOINTS, HTTPServer, RequestError, seed_from
+from robovla.server_http import (ENDPOINTS, TOKEN_ENV, HTTPServer, RequestError, fit_descriptors, seed_from,
+                                 token_from)
 from robovla.wire import IMAGE_PREFIX, NPZ, Field, WireError, decode_observation, encode_action, observation_fields
 
 __all__ = ["ENDPOINTS", "PolicyServer", "RequestError", "main", "observation_from", "seed_from"]
@@ -72,7 +70,6 @@ SESSION_TIMEOUT = 600.0  # seconds without a request before a session expires
 MAX_CONNECTIONS = 128
 READ_TIMEOUT = 30.0  # seconds a connection may send nothing (between requests too) before it is closed
 DRAIN_TIMEOUT = 30.0  # seconds the requests in flight get to finish when the server stops
-TOKEN_ENV = "ROBOVLA_SERVE_TOKEN"
 FORGOTTEN = 1024  # ended and expired sessions remembered, to say why a request names one
 
 
@@ -353,36 +350,6 @@ class PolicyServer:
 
 
 # ------------------------------------------------------------------------- command line
-
-
-def fit_descriptors(max_connections: int) -> None:
-    """Raise this process's limit on open files so that ``max_connections`` connections (and as
-    many refused ones closing) fit beside the files already open; RobovlaError if they cannot."""
-    try:
-        import resource
-    except ImportError:  # not a POSIX system: no such limit to fit
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
-    need = in_use + 2 * max_connections + 16  # 16 spare: the listening socket, files the policy opens
-    if soft == resource.RLIM_INFINITY or need <= soft:
-        return
-    if hard == resource.RLIM_INFINITY or need <= hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        return
-    most = (hard - in_use - 16) // 2
-    fix = f"lower --max-connections to {most}" if most >= 1 else "raise the limit"
-    raise RobovlaError(f"--max-connections {max_connections} needs about {need} open files, but this process may "
-                       f"open {hard} (ulimit -n) and has {in_use} open; {fix} (ulimit -n {need})")
-
-
-def token_from(flag: str | None) -> str | None:
-    """The bearer token: ``--token``, else the environment variable, else None (no token)."""
-    token, where = (flag, "--token") if flag is not None else (os.environ.get(TOKEN_ENV) or None, TOKEN_ENV)
-    if token is not None and not re.fullmatch(r"[!-~]+", token):
-        raise RobovlaError(f"{where}: a token is printable ASCII without spaces (e.g. python -c 'import secrets; "
-                           f"print(secrets.token_urlsafe())'), got {len(token)} characters that are not")
-    return token
 
 
 def main(argv: list[str]) -> int:

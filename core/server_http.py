@@ -7,13 +7,16 @@ client reconnects), so idle sockets cannot lock anyone out; only when every conn
 busy is it answered 503 at once and closed. A connection that sends nothing for
 ``read_timeout`` seconds is closed. A client that leaves mid-answer ends its connection
 quietly. While the server drains (:meth:`HTTPServer.drain`) requests on open connections
-get 503 and the busy ones finish.
+get 503 and the busy ones finish. :func:`fit_descriptors` raises the process's limit on open
+files to fit the cap; :func:`token_from` reads the bearer token a server requires.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import os
+import re
 import socket
 import sys
 import threading
@@ -24,9 +27,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from robovla.errors import RobovlaError
 from robovla.wire import NPZ
 
 JSON_BODY = 1 << 16  # bytes: the most a JSON request body may have ({"seed": S} needs a few)
+TOKEN_ENV = "ROBOVLA_SERVE_TOKEN"
 LINGER = 2.0  # seconds a refused connection is read from (and discarded) before it closes
 
 # path pattern (ID: any one path segment, a session) -> HTTP method -> the _Handler method answering it
@@ -347,3 +352,33 @@ def seed_from(body: bytes) -> int:
         shown = repr(seed)[:100] if isinstance(seed, (int, float, str)) else f"a JSON {type(seed).__name__}"
         raise RequestError(400, f"seed must be an integer in [0, 2^63), got {shown}")
     return seed
+
+
+def fit_descriptors(max_connections: int) -> None:
+    """Raise this process's limit on open files so that ``max_connections`` connections (and as
+    many refused ones closing) fit beside the files already open; RobovlaError if they cannot."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system: no such limit to fit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    need = in_use + 2 * max_connections + 16  # 16 spare: the listening socket, files the policy opens
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    most = (hard - in_use - 16) // 2
+    fix = f"lower --max-connections to {most}" if most >= 1 else "raise the limit"
+    raise RobovlaError(f"--max-connections {max_connections} needs about {need} open files, but this process may "
+                       f"open {hard} (ulimit -n) and has {in_use} open; {fix} (ulimit -n {need})")
+
+
+def token_from(flag: str | None) -> str | None:
+    """The bearer token: ``--token``, else the environment variable, else None (no token)."""
+    token, where = (flag, "--token") if flag is not None else (os.environ.get(TOKEN_ENV) or None, TOKEN_ENV)
+    if token is not None and not re.fullmatch(r"[!-~]+", token):
+        raise RobovlaError(f"{where}: a token is printable ASCII without spaces (e.g. python -c 'import secrets; "
+                           f"print(secrets.token_urlsafe())'), got {len(token)} characters that are not")
+    return token

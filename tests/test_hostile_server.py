@@ -60,8 +60,8 @@ def bomb(obs, instruction, field, inflated):
                 with archive.open(f"{name}.npy", "w") as member:
                     np.lib.format.write_array(member, array)
         with archive.open(f"{field}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False,
-                                                         "shape": (inflated,)})
+            header = {"descr": "|u1", "fortran_order": False, "shape": (inflated,)}
+            np.lib.format.write_array_header_1_0(member, header)
             zeros = bytes(MB)
             for _ in range(inflated // MB):
                 member.write(zeros)
