@@ -3,30 +3,16 @@
 A plugin that fails to import, or whose hooks do not match the hookspecs, is recorded with
 its error and never stops the others from loading. ``ROBOVLA_PLUGINS`` (comma-separated
 distribution or entry-point names, or ``dist:entry-point``; empty means none) is an allow
-list and ``ROBOVLA_DISABLE_PLUGINS`` a block list.
-
-Plugin code (its import, its hooks, a lazily imported class) runs inside :func:`contained`:
-any exception it raises, BaseExceptions too (SystemExit, GeneratorExit, a KeyboardInterrupt
-it raises itself, its own subclasses), marks that plugin broken. A real Ctrl-C still stops
-robo-run: it arrives as SIGINT, whose handler notes it before Python raises the
-KeyboardInterrupt, so an interrupt is passed on exactly when a SIGINT came. ``os._exit``,
-which no ``except`` can catch, is replaced while plugin code runs, so that a plugin calling
-it is reported as broken too (from another thread or a forked child, the call goes through,
-after a line on stderr naming the plugin).
+list and ``ROBOVLA_DISABLE_PLUGINS`` a block list. Imports run in :func:`robovla.registry.contained`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import sys
-import threading
 import traceback
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Iterator
 
 import pluggy
 
@@ -86,58 +72,9 @@ def info(name: str, module: str = "?") -> PluginInfo:
     return infos().get(name) or PluginInfo(name, name, "?", "(registered directly)", module)
 
 
-class PluginExit(BaseException):
-    """A plugin called ``os._exit`` while robovla ran its code (raised instead of exiting)."""
-
-    def __init__(self, status: int):
-        super().__init__(f"the plugin called os._exit({status}) while robovla ran its code")
-
-
-@dataclass
-class Guard:
-    """What :func:`contained` saw: whether a real SIGINT (Ctrl-C) arrived meanwhile."""
-
-    interrupted: bool = False
-
-
-@contextmanager
-def contained(label: str) -> Iterator[Guard]:
-    """Run plugin code (``label`` names it for messages): note a real SIGINT, turn ``os._exit``
-    into :class:`PluginExit`. The caller catches BaseException and asks ``guard.interrupted``."""
-    guard = Guard()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):  # a real Ctrl-C: note it, then behave as before
-            if previous is signal.default_int_handler or previous == signal.SIG_DFL:
-                guard.interrupted = True
-                raise KeyboardInterrupt
-            if callable(previous):
-                previous(signum, frame)
-
-        if previous is not None:
-            signal.signal(signal.SIGINT, on_sigint)
-    real_exit, pid, thread = os._exit, os.getpid(), threading.get_ident()
-
-    def exit_in_plugin(status: int) -> None:
-        if os.getpid() == pid and threading.get_ident() == thread:
-            raise PluginExit(status)
-        print(f"robovla: {label} called os._exit({status}) while robovla loaded it", file=sys.stderr, flush=True)
-        real_exit(status)
-
-    os._exit = exit_in_plugin
-    try:
-        yield guard
-    finally:
-        os._exit = real_exit
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    if guard.interrupted:  # the plugin swallowed the user's Ctrl-C: it still stops robo-run
-        raise KeyboardInterrupt
-
-
 def _load_entry_points() -> None:
+    from robovla.registry import contained
+
     allow, deny = _env_names("ROBOVLA_PLUGINS"), _env_names("ROBOVLA_DISABLE_PLUGINS") or set()
     seen, matched = set(), set()
     for dist in metadata.distributions():
@@ -153,17 +90,13 @@ def _load_entry_points() -> None:
                 continue
             info = PluginInfo(key, dist_name, dist.version, f"{ep.name} = {ep.value}", ep.module)
             with contained(f"plugin {dist_name} (entry point '{info.entry_point}')") as guard:
-                what = f"importing module {ep.module!r} failed"
                 try:
-                    module = ep.load()
-                    what = "registering its hooks failed"
-                    add(module, info)
+                    add(ep.load(), info)
                 except BaseException as exc:  # any failure but a real Ctrl-C: keep it, load the others
                     if guard.interrupted:
                         raise
-                    if _pm.has_plugin(key):
-                        _pm.unregister(name=key)
-                    info.error = describe(exc, what)
+                    remove(key)
+                    info.error = describe(exc, f"importing module {ep.module!r} failed")
                     _infos[key] = info
     unmatched[:] = sorted((allow or set()) - matched)
 
@@ -172,8 +105,7 @@ def add(module: object, info: PluginInfo) -> PluginInfo:
     """Register ``module`` (a module or object with @hookimpl functions) as plugin ``info``.
 
     Hooks are checked against the specs; a mismatch marks the plugin broken instead of
-    raising, so that the other plugins keep working.
-    """
+    raising, so that the other plugins keep working."""
     global generation
     pm = manager()
     if info.name in _infos:
@@ -188,11 +120,9 @@ def add(module: object, info: PluginInfo) -> PluginInfo:
             if not caller.has_spec():
                 near = closest(caller.name, HOOKS)
                 pm.unregister(module)
-                raise pluggy.PluginValidationError(
-                    module, f"hookimpl {caller.name!r} matches no robovla hook"
-                    + (f"; did you mean {near!r}?" if near else "")
-                    + f" Valid hooks: {', '.join(HOOKS)}",
-                )
+                raise pluggy.PluginValidationError(module, f"hookimpl {caller.name!r} matches no robovla hook"
+                                                   + (f"; did you mean {near!r}?" if near else "")
+                                                   + f" Valid hooks: {', '.join(HOOKS)}")
     except pluggy.PluginValidationError as exc:
         info.error = describe(exc, "its hooks do not match robovla's hookspecs")
     except ValueError as exc:  # pluggy: this object is registered already, under another name
@@ -215,5 +145,5 @@ def remove(name: str) -> None:
 def describe(exc: BaseException, what: str) -> str:
     """``what``, the exception and its traceback, as one text for reports."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    note = " (raised by the plugin's own code: no Ctrl-C came)" if isinstance(exc, KeyboardInterrupt) else ""
-    return f"{what}: {type(exc).__name__}: {exc}{note}\n{tb.rstrip()}"
+    own = " (raised by the plugin's own code: no Ctrl-C came)" * isinstance(exc, KeyboardInterrupt)
+    return f"{what}: {type(exc).__name__}: {exc}{own}\n{tb.rstrip()}"

@@ -12,15 +12,29 @@ used. A built-in name (distribution ``robovla``) registered again by another plu
 robovla's: the other registration is listed as ``shadowed`` and the clash is reported in
 :attr:`Registry.clashes`; a user who wants the other one disables the built-in entry point
 with ``ROBOVLA_DISABLE_PLUGINS``.
+
+Plugin code (its import, its hooks, a lazily imported class) runs inside :func:`contained`:
+any exception it raises, BaseExceptions too (SystemExit, GeneratorExit, a KeyboardInterrupt
+it raises itself, its own subclasses), marks that plugin broken. A real Ctrl-C still stops
+robo-run: it arrives as SIGINT, whose handler notes it before Python raises the
+KeyboardInterrupt, so an interrupt is passed on exactly when a SIGINT came. ``os._exit``,
+which no ``except`` can catch, is replaced while plugin code runs, so that a plugin calling
+it is reported as broken too (from another thread or a forked child, the call goes through,
+after a line on stderr naming the plugin).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import importlib
+import os
 import re
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from robovla import plugins
 from robovla.errors import PluginError, RobovlaError, natural_key, unknown
@@ -68,6 +82,57 @@ def broken_report(info: PluginInfo, error: str, target: str = "") -> str:
     )
 
 
+class PluginExit(BaseException):
+    """A plugin called ``os._exit`` while robovla ran its code (raised instead of exiting)."""
+
+    def __init__(self, status: int):
+        super().__init__(f"the plugin called os._exit({status}) while robovla ran its code")
+
+
+@dataclass
+class Guard:
+    """What :func:`contained` saw: whether a real SIGINT (Ctrl-C) arrived meanwhile."""
+
+    interrupted: bool = False
+
+
+@contextmanager
+def contained(label: str) -> Iterator[Guard]:
+    """Run plugin code (``label`` names it for messages): note a real SIGINT, turn ``os._exit``
+    into :class:`PluginExit`. The caller catches BaseException and asks ``guard.interrupted``."""
+    guard = Guard()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):  # a real Ctrl-C: note it, then behave as before
+            if previous is signal.default_int_handler or previous == signal.SIG_DFL:
+                guard.interrupted = True
+                raise KeyboardInterrupt
+            if callable(previous):
+                previous(signum, frame)
+
+        if previous is not None:
+            signal.signal(signal.SIGINT, on_sigint)
+    real_exit, pid, thread = os._exit, os.getpid(), threading.get_ident()
+
+    def exit_in_plugin(status: int) -> None:
+        if os.getpid() == pid and threading.get_ident() == thread:
+            raise PluginExit(status)
+        print(f"robovla: {label} called os._exit({status}) while robovla loaded it", file=sys.stderr, flush=True)
+        real_exit(status)
+
+    os._exit = exit_in_plugin
+    try:
+        yield guard
+    finally:
+        os._exit = real_exit
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if guard.interrupted:  # the plugin swallowed the user's Ctrl-C: it still stops robo-run
+        raise KeyboardInterrupt
+
+
 @dataclass
 class Component:
     """One registration: a kind, a name, its class (or a lazy reference) and its provider."""
@@ -94,7 +159,7 @@ class Component:
         if self.error is not None:
             raise PluginError(f"{label} cannot be used: {self.error}")
         if self._cls is None:
-            with plugins.contained(f"plugin {self.plugin.distribution} ({label})") as guard:
+            with contained(f"plugin {self.plugin.distribution} ({label})") as guard:
                 try:
                     cls = _import(self.target) if isinstance(self.target, str) else self.target
                 except BaseException as exc:  # anything but a real Ctrl-C: the plugin is broken
@@ -143,7 +208,7 @@ class Registry:
                                            f"robovla.{KINDS[_kind][1].split(':')[1]}")
                     _added.append(Component(_kind, name, component, _info))
 
-                with plugins.contained(f"plugin {info.distribution} (entry point '{info.entry_point}')") as guard:
+                with contained(f"plugin {info.distribution} (entry point '{info.entry_point}')") as guard:
                     try:
                         impl.function(register=register)
                     except BaseException as exc:  # anything but a real Ctrl-C: the plugin is broken

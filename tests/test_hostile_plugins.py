@@ -12,6 +12,7 @@ built-in entry point.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -19,10 +20,9 @@ from pathlib import Path
 import pytest
 
 import robovla
-from robovla import plugins
 from robovla.cli import main
 from robovla.errors import PluginError
-from robovla.registry import registry
+from robovla.registry import PluginExit, contained, registry
 
 from helpers import ROBO_RUN, clean_env, fake_distribution, run
 
@@ -233,8 +233,8 @@ def test_the_user_chooses_the_other_provider_by_disabling_the_builtin(tmp_path):
 
 
 def test_plugin_code_leaves_os_exit_and_sigint_as_they_were():
-    exit_before, handler_before = plugins.os._exit, signal.getsignal(signal.SIGINT)
-    with pytest.raises(plugins.PluginExit, match=r"os._exit\(3\)"):
-        with plugins.contained("plugin test"):
-            plugins.os._exit(3)
-    assert plugins.os._exit is exit_before and signal.getsignal(signal.SIGINT) is handler_before
+    exit_before, handler_before = os._exit, signal.getsignal(signal.SIGINT)
+    with pytest.raises(PluginExit, match=r"os._exit\(3\)"):
+        with contained("plugin test"):
+            os._exit(3)
+    assert os._exit is exit_before and signal.getsignal(signal.SIGINT) is handler_before
