@@ -114,6 +114,10 @@ def _check_names(names: list[str], fields: Mapping[str, Field], what: str) -> No
 def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, field: Field, what: str) -> np.ndarray:
     """One member's array, once its zip entry and .npy header show that it fits ``field``."""
     member = f"{what} member {info.filename!r} (field {name!r}: {field.holds}, at most {field.bytes} bytes)"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # zipfile inflates bzip2 and lzma members without a bound per read: refuse them unread
+        raise WireError(f"{member} is compressed with method {info.compress_type}; numpy.savez writes stored members "
+                        "and numpy.savez_compressed deflated ones")
     if info.file_size > field.bytes + HEADER_BYTES:
         raise WireTooLarge(f"{member} inflates to {info.file_size} bytes; refused before inflating it")
     try:

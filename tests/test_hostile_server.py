@@ -174,6 +174,8 @@ def test_wire_checks_names_sizes_and_headers_before_reading():
         decode_npz(archive({"a.npy": good["a.npy"]}), fields)
     with pytest.raises(WireError, match="Python objects, which would need unpickling"):
         decode_npz(archive({**good, "a.npy": npy(np.array([None], dtype=object))}), fields)
+    with pytest.raises(WireError, match=r"member 'a.npy' .* is compressed with method 12; numpy.savez writes"):
+        decode_npz(archive(good, zipfile.ZIP_BZIP2), fields)
     many = archive({f"x{i}.npy": b"" for i in range(200)})
     with pytest.raises(WireError, match="more zip entries than its 2 fields"):
         decode_npz(many, fields)
