@@ -8,6 +8,7 @@ what a dataset lists, so windows, padding and masks are written once.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,36 @@ class Segment:
     end: int
     instruction: str
     task: str | None = None
+
+
+class SegmentTable(Sequence[Segment]):
+    """Segments held as arrays (16 bytes of bounds and 8 of text codes each, every distinct text
+    once) instead of one object each: a split can list millions. Indexing gives a Segment."""
+
+    def __init__(self, bounds: np.ndarray, instructions: Sequence[str], tasks: Sequence[str | None]):
+        """``bounds`` int [S, 2] (start, end), and each segment's instruction and task."""
+        codes: dict[str | None, int] = {}
+        self.bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
+        self.text_codes = np.fromiter((codes.setdefault(t, len(codes)) for t in instructions), np.int32,
+                                      len(self.bounds))
+        self.texts = list(codes)
+        codes = {}
+        self.task_codes = np.fromiter((codes.setdefault(t, len(codes)) for t in tasks), np.int32, len(self.bounds))
+        self.tasks = list(codes)
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment]) -> "SegmentTable":
+        bounds = np.fromiter((v for s in segments for v in (s.start, s.end)), np.int64, 2 * len(segments))
+        return cls(bounds, [s.instruction for s in segments], [s.task for s in segments])
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        start, end = self.bounds[i].tolist()
+        return Segment(start, end, self.texts[self.text_codes[i]], self.tasks[self.task_codes[i]])
 
 
 @dataclass
@@ -68,6 +99,11 @@ class Dataset(abc.ABC):
     @abc.abstractmethod
     def check(self) -> list[Problem]:
         """Validate the files; every problem, each with its file and key. Empty when clean."""
+
+    def segment_table(self) -> SegmentTable:
+        """:meth:`segments` as a :class:`SegmentTable` (what windows are cut from); datasets with
+        many segments may build it without a Segment object each."""
+        return SegmentTable.of(self.segments())
 
     def fingerprint(self) -> str | None:
         """A value that changes whenever the files change (the frame cache compares it);

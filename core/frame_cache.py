@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from robovla.dataset import Dataset, Frames, Problem, Segment
+from robovla.dataset import Dataset, Frames, Problem, Segment, SegmentTable
 
 VERSION = 1
 CACHE_DIR = "robovla_cache"  # the default cache folder, inside each split folder
@@ -160,6 +160,9 @@ class CachedDataset(Dataset):
 
     def segments(self) -> list[Segment]:
         return self.source.segments()
+
+    def segment_table(self) -> SegmentTable:
+        return self.source.segment_table()
 
     def check(self) -> list[Problem]:
         return self.source.check()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from robovla.dataset import Frames, Segment
+from robovla.dataset import Frames, Segment, SegmentTable
 
 
 def sample_counts(segments: list[Segment], window: int) -> np.ndarray:
@@ -86,18 +86,18 @@ class WindowDataset:
     def __init__(self, dataset: Any, action_space: Any, window: int, chunk: int):
         self.dataset, self.action_space = dataset, action_space
         self.window, self.chunk = window, chunk
-        self.segments = dataset.segments()
-        # sample i is start frame first[j] + i - before[j] of the segment j whose samples hold i:
+        self.segments: SegmentTable = dataset.segment_table()  # arrays, not an object per segment
+        # sample i is start frame first[j] + i of the segment j whose samples hold i:
         # 16 bytes per segment, however many samples there are
-        counts = sample_counts(self.segments, window)
+        counts = np.maximum(self.segments.bounds[:, 1] - self.segments.bounds[:, 0] - window + 2, 0)
         self._ends = np.cumsum(counts)  # samples up to and including each segment
-        self._first = np.fromiter((s.start for s in self.segments), np.int64, len(self.segments)) - \
-            (self._ends - counts)
+        self._first = self.segments.bounds[:, 0] - (self._ends - counts)
 
     @property
     def index(self) -> np.ndarray:
         """Every sample as (segment index, start frame), int64 [n, 2] (built on each call, for reports)."""
-        return sample_starts(self.segments, self.window)
+        seg = np.repeat(np.arange(len(self._ends), dtype=np.int64), np.diff(self._ends, prepend=0))
+        return np.stack([seg, self._first[seg] + np.arange(len(seg), dtype=np.int64)], axis=1)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0

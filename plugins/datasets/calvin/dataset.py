@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field
 
 import robovla
-from robovla.dataset import Frames, Problem, Segment
+from robovla.dataset import Frames, Problem, Segment, SegmentTable
 from robovla.safe_read import NpzReader, UnsafeFileError, load_npy, open_regular
 from robovla_plugins.datasets.calvin.files import (ANNOTATIONS, ANNOTATIONS_FORMAT, CAMERA_KEYS, FRAME_CHECKS, SCENES,
                                                    SCENES_FORMAT, SHAPES, CalvinDataError, as_pairs, frame_file,
@@ -143,22 +143,28 @@ class CalvinDataset(robovla.Dataset):
         return scenes
 
     def segments(self) -> list[Segment]:
+        return list(self.segment_table())
+
+    def segment_table(self) -> SegmentTable:
+        """The annotations kept by --dataset.tasks and --dataset.scenes, as arrays."""
         ann = self.annotations()
-        wanted = None if self.config.tasks is None else set(self.config.tasks)
-        segments = [Segment(int(s), int(e), text, task)
-                    for text, task, (s, e) in zip(ann["language"]["ann"], ann["language"]["task"],
-                                                  ann["info"]["indx"].tolist())
-                    if wanted is None or task in wanted]
-        if self.config.scenes is None:
-            return segments
-        scenes = self.scene_ranges()
-        unknown = [name for name in self.config.scenes if name not in scenes]
-        if unknown:
-            have = f"it has {sorted(scenes)}" if scenes else "the split has none (validation splits never do)"
-            raise CalvinDataError(f"--dataset.scenes: {unknown} not in {self.root / SCENES}: {have}; "
-                                  "pick from those, or leave --dataset.scenes unset")
-        kept = [scenes[name] for name in self.config.scenes]
-        return [seg for seg in segments if any(first <= seg.start and seg.end <= last for first, last in kept)]
+        bounds, texts, tasks = ann["info"]["indx"], ann["language"]["ann"], ann["language"]["task"]
+        keep = np.ones(len(bounds), bool)
+        if self.config.tasks is not None:
+            wanted = set(self.config.tasks)
+            keep &= np.fromiter((task in wanted for task in tasks), bool, len(tasks))
+        if self.config.scenes is not None:
+            scenes = self.scene_ranges()
+            unknown = [name for name in self.config.scenes if name not in scenes]
+            if unknown:
+                have = f"it has {sorted(scenes)}" if scenes else "the split has none (validation splits never do)"
+                raise CalvinDataError(f"--dataset.scenes: {unknown} not in {self.root / SCENES}: {have}; "
+                                      "pick from those, or leave --dataset.scenes unset")
+            keep &= _covered(bounds, np.asarray([scenes[name] for name in self.config.scenes], np.int64))
+        if keep.all():
+            return SegmentTable(bounds, texts, tasks)
+        kept = np.flatnonzero(keep).tolist()
+        return SegmentTable(bounds[kept], [texts[i] for i in kept], [tasks[i] for i in kept])
 
     def load(self, start: int, end: int) -> Frames:
         keys = [CAMERA_KEYS[c] for c in self.cameras] + ["robot_obs", *self.config.action_keys]
