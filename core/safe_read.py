@@ -203,7 +203,12 @@ class NpzReader:
     def read(self, key: str, check: Callable[[tuple[int, ...], np.dtype], str | None] | None = None) -> np.ndarray:
         where = f"{self.path} [{key}]"
         try:
-            with self._zip.open(f"{key}.npy") as stream:
+            info = self._zip.getinfo(f"{key}.npy")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                # zipfile inflates bzip2 and lzma without a bound per read; numpy writes neither
+                raise UnsafeFileError(where, f"compressed with zip method {info.compress_type}; numpy's npz members "
+                                             "are stored or deflated")
+            with self._zip.open(info) as stream:
                 shape, fortran, dtype = _header(stream, where)
                 if dtype.hasobject:
                     raise UnsafeFileError(where, "an object array (a pickle), where numbers are expected")

@@ -312,6 +312,20 @@ def test_an_inflating_frame_member_is_refused_from_its_header(split, capsys, sha
     assert peak < 20, peak
 
 
+def test_a_frame_member_in_a_compression_numpy_never_writes_is_refused_unread(split, capsys):
+    odd = split / f"episode_{FIRST + 6:07d}.npz"
+    with np.load(odd) as npz:
+        data = dict(npz)
+    with zipfile.ZipFile(odd, "w", compression=zipfile.ZIP_BZIP2) as z:
+        for key, value in data.items():
+            with z.open(f"{key}.npy", "w") as f:
+                np.lib.format.write_array(f, value)
+    code, report = check_json(split, capsys)
+    assert code == 1 and sorted((p["file"], p["key"], p["message"]) for p in report["problems"]) == [
+        (str(odd), key, "compressed with zip method 12; numpy's npz members are stored or deflated")
+        for key in sorted(["rgb_static", "rgb_gripper", "robot_obs", "rel_actions", "actions"])]
+
+
 def test_an_index_file_whose_header_promises_more_than_it_holds_is_refused_unread(split, capsys):
     with open(split / "ep_start_end_ids.npy", "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (10 ** 12, 2)})
