@@ -6,10 +6,8 @@
       metrics.csv               every logged value: step, split, key, value
       checkpoints/step-000500/  model.safetensors (full fine-tuning) or trainable.safetensors
                                 + adapter_config.json (LoRA: adapter and fully trained weights),
-                                optimizer.pt, state.json (step, epoch, batch, schedule, the
-                                resolved config, the sha256 of every file beside it and of
-                                action_stats.json), rng-<rank>.json (each process's RNG
-                                states, :mod:`robovla.rng`)
+                                optimizer.pt, state.json (step, epoch, batch, schedule, config,
+                                sha256 of every file and of action_stats.json), rng-<rank>.json
       checkpoints/last          symlink to the newest complete checkpoint
 
 With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
@@ -30,6 +28,7 @@ import math
 import os
 import re
 import shutil
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +42,7 @@ CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json",
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
 CONFIG, STATS = "config.toml", "action_stats.json"
 STEP_NAME = re.compile(r"step-(\d+)")
+SECTIONS = ("backbone", "head", "dataset", "action_space")  # every saved config.toml names one of each
 
 
 class CheckpointError(RobovlaError, FileNotFoundError):
@@ -65,6 +65,13 @@ def run_config(run_dir: str | Path, what: str, header: str = "not a run folder",
     if missing:
         raise NotARunError([f"{what}: no {' or '.join(missing)} there; give a run folder written by robo-run "
                             "(runs/<name>)"], header=header)
+    try:
+        saved = tomllib.loads((run_dir / CONFIG).read_text())
+    except (OSError, ValueError):  # unreadable: reading it as a config names the problem
+        saved = None
+    if saved is not None and not all(isinstance(saved.get(s), dict) and "name" in saved[s] for s in SECTIONS):
+        raise NotARunError([f"{run_dir / CONFIG}: not the config.toml robo-run saved (it names no backbone, head, "
+                            "dataset and action space); restore it from a copy of the run"], header=header)
     return run_dir / CONFIG
 
 
@@ -90,8 +97,7 @@ def begin(run_dir: Path, step: int) -> Path:
 
 
 def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
-    """Add state.json (with every file's sha256), flush, rename ``tmp`` into place and point
-    ``last`` at it."""
+    """Add state.json (with every file's sha256), flush, rename ``tmp`` into place, point ``last`` at it."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
     files = {}
@@ -119,9 +125,8 @@ def commit(run_dir: Path, step: int, tmp: Path, state: dict[str, Any]) -> Path:
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          state: dict[str, Any], lora: bool = False) -> Path:
-    """Write checkpoint ``step`` atomically and point ``last`` at it; returns its folder. Under
-    LoRA the weights are :func:`robovla.finetune.save_trainable`'s (adapter and trainable).
-    One process: its RNG state is saved as rank 0's."""
+    """Write checkpoint ``step`` atomically, point ``last`` at it; returns its folder. Under LoRA the
+    weights are :func:`robovla.finetune.save_trainable`'s. One process: its RNG state is rank 0's."""
     from robovla.rng import save_rng
 
     tmp = begin(run_dir, step)
@@ -131,8 +136,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
 
 
 def write_model(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lora: bool = False) -> None:
-    """The weights (all, or under LoRA the adapter and trainable ones) and the optimizer state,
-    into the temporary folder of a checkpoint being written."""
+    """The weights (all, or under LoRA the trainable ones) and optimizer state, into a checkpoint's ``tmp``."""
     from safetensors.torch import save_model
 
     if lora:
@@ -225,8 +229,8 @@ def read_state(folder: Path) -> dict[str, Any]:
     named = STEP_NAME.fullmatch(folder.name)
     if named and type(state.get("step")) is int and int(named[1]) != state["step"]:
         problems.append(f"step is {state['step']}, but the folder is {folder.name}")
-    files = state.get("files", {})
-    if not isinstance(files, dict) or not all(_relative(k) and _digest(v) for k, v in files.items()):
+    files = state.get("files", {"-": "0" * 64})  # older checkpoints: none
+    if not isinstance(files, dict) or not files or not all(_listed(k, v) for k, v in files.items()):
         problems.append("files is not {relative path: sha256 hex digest}")
     if not _digest(state.get("action_stats_sha256", "0" * 64)):
         problems.append("action_stats_sha256 is not a sha256 hex digest")
@@ -241,8 +245,8 @@ def _digest(value: Any) -> bool:
     return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
 
 
-def _relative(name: str) -> bool:
-    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+def _listed(name: str, digest: Any) -> bool:  # a file inside the checkpoint folder, and its sha256
+    return bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts and _digest(digest)
 
 
 def verify(folder: Path, state: dict[str, Any], weights_only: bool = False) -> bool:
@@ -256,7 +260,7 @@ def verify(folder: Path, state: dict[str, Any], weights_only: bool = False) -> b
         path = folder / name
         if weights_only and (name == OPTIMIZER or name.startswith("rng-")):
             continue
-        if not path.is_file():
+        elif not path.is_file():
             raise DamagedError(f"{path}: missing, though {folder / STATE} lists it; {fix}")
         if sha256(path) != digest:
             raise DamagedError(f"{path}: corrupted (its sha256 is not the one {folder / STATE} recorded when it "
@@ -278,15 +282,15 @@ def last(run_dir: Path) -> Path:
                               "or this is not a run folder")
     names = sorted(p.name for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     fix = f"fix: point it at a checkpoint: ln -sfn {names[-1]} {link}" if names else "and no step-N folder is there"
+    target = os.readlink(link) if link.is_symlink() else None
     try:
-        target = os.readlink(link) if link.is_symlink() else None
         folder = link.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:  # dangling, or a loop
-        raise DamagedError(f"{link}: points to {target}, which cannot be opened ({type(exc).__name__}); {fix}") \
-            from exc
-    if target is None or folder.parent != root.resolve() or not folder.is_dir() or not STEP_NAME.fullmatch(folder.name):
-        what = f"a link to {target}" if target is not None else "not a link"
-        raise DamagedError(f"{link}: {what}, not a link to a checkpoint folder step-N beside it; {fix}")
+    except (OSError, RuntimeError):  # dangling, or a loop
+        folder = None
+    if target is None or folder is None or folder.parent != root.resolve() or not folder.is_dir() \
+            or not STEP_NAME.fullmatch(folder.name):
+        raise DamagedError(f"{link}: {f'a link to {target}' if target else 'not a link'}, not a link to a checkpoint "
+                           f"folder step-N beside it; {fix}")
     return folder
 
 
@@ -299,9 +303,8 @@ def weight_files(folder: Path, state: dict[str, Any]) -> str | None:
 
 def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
          verified: bool = False) -> dict[str, Any]:
-    """Load a checkpoint into ``model`` (and ``optimizer``) after checking its state.json and
-    checksums (not again when ``verified``); returns the state. A sharded (FSDP or DeepSpeed)
-    checkpoint's weights are gathered in this one process."""
+    """Load a checkpoint into ``model`` (and ``optimizer``), its state.json and checksums checked (not
+    again when ``verified``); returns the state. Sharded weights are gathered in this one process."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -312,8 +315,8 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     if kind == FULL:
         with reading(folder / FULL, "safetensors weights", fix):
             weights = load_file(folder / FULL)
-        model.load_state_dict(checked_state(model, weights, f"{folder / FULL} (for the model config.toml "
-                                                            "describes)"), strict=False)
+        where = f"{folder / FULL} (for the model {folder.parent.parent / CONFIG} describes)"
+        model.load_state_dict(checked_state(model, weights, where), strict=False)
     elif kind == SHARDED:
         if optimizer is not None:
             raise RobovlaError(f"{folder}: a sharded optimizer state is restored by the strategy that wrote it "
@@ -345,9 +348,8 @@ def load_optimizer(file: Path, optimizer: torch.optim.Optimizer, fix: str) -> No
 
 
 def consolidated(folder: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a sharded checkpoint, gathered in one process (on the CPU, all in
-    memory): FSDP's distributed checkpoint as lightning's ``fabric consolidate`` reads it,
-    or DeepSpeed's ZeRO files through deepspeed's own ``zero_to_fp32``."""
+    """Every weight of a sharded checkpoint, gathered in one process (on the CPU): FSDP's as
+    ``fabric consolidate`` reads it, or DeepSpeed's ZeRO files through its ``zero_to_fp32``."""
     path = Path(folder) / SHARDED
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint, as Fabric's FSDP writes it
         from lightning_fabric.utilities.load import _load_distributed_checkpoint
@@ -387,9 +389,8 @@ def checkpoint_folder(path: str | Path, what: str = "--train.init") -> Path:
 
 
 def checked_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """``weights`` checked against ``model``'s state_dict, every problem named at once: missing
-    and unexpected names, and shapes that differ. Names the model ties to one tensor (e.g. an
-    LM head and the embedding) need to be there once; the copy returned keeps one of them."""
+    """``weights`` checked against ``model``'s state_dict, every problem (missing and unexpected names,
+    shapes) named at once. Names tied to one tensor need to be there once; the copy keeps one."""
     expected = model.state_dict(keep_vars=True)
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
