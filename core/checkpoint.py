@@ -127,7 +127,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
          state: dict[str, Any], lora: bool = False) -> Path:
     """Write checkpoint ``step`` atomically, point ``last`` at it; returns its folder. Under LoRA the
     weights are :func:`robovla.finetune.save_trainable`'s. One process: its RNG state is rank 0's."""
-    from robovla.rng import save_rng
+    from robovla.runs import save_rng
 
     tmp = begin(run_dir, step)
     save_rng(tmp, 0)
