@@ -24,7 +24,7 @@ from typing import Any, Callable
 from robovla import config as cfg
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError
-from robovla.registry import registry
+from robovla.registry import registry, summary
 
 RUN_FLAGS = ("--preset", "--config", "--resume")
 SWITCHES = ("--overwrite", "--accept-changes")
@@ -219,12 +219,10 @@ def cmd_plugins(argv: list[str]) -> int:
         print("(no plugins installed)")
     shown = set()
     for r in rows:  # each problem once: the message and the fix; the traceback is in --json
-        lines = (r["error"] or "").splitlines()
-        cut = next((i for i, x in enumerate(lines) if x.startswith("Traceback (most recent call last)")), len(lines))
-        summary = (*lines[:cut], *[x for x in lines[cut:] if x.startswith("Fix:")])
-        if summary and summary not in shown:
-            shown.add(summary)
-            print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: " + "\n".join(summary))
+        text = summary(r["error"] or "").removesuffix("\n(robo-run plugins --json shows the traceback)")
+        if text and text not in shown:
+            shown.add(text)
+            print(f"\n{r['kind']} {r['name']} [{r['distribution']}]: {text}")
     return 0
 
 

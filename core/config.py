@@ -365,7 +365,9 @@ def component_models(data: dict[str, dict[str, Any]], origin: dict | None = None
                             f"{what} {name!r}, or choose another with {flag(kind)} NAME; `robo-run plugins` "
                             "lists what is installed")
         except RobovlaError as exc:
-            problems.append(f"{flag(kind)} {name}: {exc}")
+            from robovla.registry import summary
+
+            problems.append(f"{flag(kind)} {name}: {summary(str(exc))}")
     return models, problems
 
 

@@ -165,7 +165,9 @@ def data_problems(run: RunConfig) -> list[str]:
         dataset = robovla.create("dataset", name, config)
         segments = dataset.segments()
     except (RobovlaError, OSError) as exc:
-        return [f"--dataset {name}: {exc}"]
+        from robovla.registry import summary
+
+        return [f"--dataset {name}: {summary(str(exc))}"]
     found = []
     path = dict(config).get("path")
     if run.train.cache == "auto" and path is not None:

@@ -133,6 +133,18 @@ def contained(label: str) -> Iterator[Guard]:
         raise KeyboardInterrupt
 
 
+def summary(report: str) -> str:
+    """A broken-plugin report for a terminal: the message and the fix, its traceback left to
+    ``robo-run plugins --json`` (said so when one was cut)."""
+    lines = report.splitlines()
+    cut = next((i for i, x in enumerate(lines) if x.lstrip().startswith("Traceback (most recent call last)")),
+               len(lines))
+    if cut == len(lines):
+        return report
+    fixes = [x for x in lines[cut:] if x.lstrip().startswith("Fix:")]
+    return "\n".join([*lines[:cut], *fixes, "(robo-run plugins --json shows the traceback)"])
+
+
 @dataclass
 class Component:
     """One registration: a kind, a name, its class (or a lazy reference) and its provider."""

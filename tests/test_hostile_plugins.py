@@ -113,6 +113,7 @@ def test_base_exceptions_at_import_and_in_hooks_break_only_their_plugin(site):
     assert "--head lazy-head: head 'lazy-head' cannot be used: plugin lazy-ki 0.3 (entry point 'lazy = " \
            "robovla_lazy_head') is broken: importing 'robovla_lazy_head_impl:Head' failed: KeyboardInterrupt" \
            in lazy.stderr
+    assert "Traceback" not in lazy.stderr and "(robo-run plugins --json shows the traceback)" in lazy.stderr
 
 
 def test_os_exit_from_another_thread_names_the_plugin(tmp_path):
