@@ -171,14 +171,14 @@ def pickle_payload(p: Path) -> None:
     p.write_bytes(pickle.dumps({"state": {}, "param_groups": [Payload()]}))
 
 
-def toml_append(text: str):
+def append(text: str):
     def apply(p: Path) -> None:
         p.write_text(p.read_text() + text)
     apply.__name__ = f"append {text.strip()!r}"
     return apply
 
 
-def toml_replace(old: str, new: str):
+def replace(old: str, new: str):
     def apply(p: Path) -> None:
         text = p.read_text()
         assert old in text
@@ -235,8 +235,8 @@ CASES = (
     [("full", "config.toml", missing, BOTH, ": no config.toml")]
     + [("full", "config.toml", d, BOTH, None) for d in (empty, truncated, garbage, flipped)]
     + [("full", "config.toml", d, BOTH, None) for d in (
-        toml_append("\n[extra]\nkey = 1\n"), toml_replace("batch_size = 2", 'batch_size = "two"'),
-        toml_replace("hidden_size = 32", "hidden_size = 48"))]
+        append("\n[extra]\nkey = 1\n"), replace("batch_size = 2", 'batch_size = "two"'),
+        replace("hidden_size = 32", "hidden_size = 48"))]
     + [("full", "action_stats.json", missing, BOTH, ": no action_stats.json")]
     + [("full", "action_stats.json", d, BOTH, None) for d in (
         empty, truncated, garbage, flipped, one_bit, json_list, deep, edit(unknown=1),
@@ -256,7 +256,7 @@ CASES = (
         missing, link_to("step-000099"), link_to("step-000004/state.json"), link_to("/tmp"), regular_file, looped,
         unrelated_folder)]
     + [("full", "metrics.csv", d, (R,), None) for d in (
-        toml_append("12,train,loss\n"), toml_append("x,train,loss,1\n"), garbage)]
+        append("12,train,loss\n"), append("x,train,loss,1\n"), garbage)]
     + [("lora", f"{STEP}/trainable.safetensors", d, BOTH, None) for d in (
         *FILE_DAMAGE, tensors(wrong_shapes), tensors(wrong_keys))]
     + [("lora", f"{STEP}/adapter_config.json", d, BOTH, None) for d in (missing, garbage, json_list, edit(r=8))]
@@ -370,7 +370,7 @@ def test_a_tampered_step_is_refused_before_any_file_changes(runs, tmp_path, caps
 
 
 def test_config_drift_is_refused_with_the_fields_unless_accepted(runs, tmp_path, capsys):
-    copy = damaged_copy(runs, tmp_path, "full", "config.toml", toml_replace("batch_size = 2", "batch_size = 1"))
+    copy = damaged_copy(runs, tmp_path, "full", "config.toml", replace("batch_size = 2", "batch_size = 1"))
     (copy / "checkpoints" / "last").unlink()
     (copy / "checkpoints" / "last").symlink_to("step-000002")  # stopped at step 2 of 4
     before = fingerprint(copy)
@@ -402,3 +402,26 @@ def test_an_older_checkpoint_without_records_resumes_with_a_notice(runs, tmp_pat
            "comparing them" in out
     assert json.loads((checkpoint.last(copy) / "state.json").read_text())["step"] == 4
     assert robovla.Policy.from_run(copy).info["step"] == 4
+
+
+def test_another_process_count_is_drift_too(runs, tmp_path):
+    from robovla import config as cfg
+    from robovla.runs import DriftError, check_resume
+
+    copy = damaged_copy(runs, tmp_path, "full", "config.toml", lambda p: None)
+    run = cfg.resolve(cfg.NONE, copy / "config.toml", [])
+    with pytest.raises(DriftError, match=r"(?s)step-000004 was saved with another config or process count.*\n"
+                                         r"  processes \(--fabric.devices x --fabric.num_nodes\): 1 -> 2\n"
+                                         r"fix: restore the saved values in \S+config.toml and run on 1 processes"):
+        check_resume(run, copy, world_size=2)
+    assert check_resume(run, copy, world_size=2, accept_changes=True) == [
+        "note: --accept-changes: resuming step-000004 with a change (saved -> now): processes (--fabric.devices x "
+        "--fabric.num_nodes): 1 -> 2"]
+
+
+def test_a_damaged_init_checkpoint_is_refused_before_the_new_run_folder_exists(runs, tmp_path, capsys):
+    copy = damaged_copy(runs, tmp_path, "full", f"{STEP}/model.safetensors", flipped)
+    capsys.readouterr()
+    assert main(tiny_argv(runs["synth"], tmp_path, "tuned", "--train.init", str(copy))) == 1
+    assert f"{copy / STEP / 'model.safetensors'}: corrupted" in capsys.readouterr().err
+    assert not (tmp_path / "tuned").exists()
