@@ -6,11 +6,14 @@ process is launched, a model built or a cache written:
 
 - folders: ``--train.output_dir`` and ``--train.cache`` can be created and written,
   ``--train.val_path`` and ``--train.init`` exist;
-- the machine: ``--fabric.accelerator`` is there (no CUDA device, no GPU run) and
-  ``--fabric.devices`` fits it (on a CPU every device is a process: at most one per core);
+- the machine: ``--fabric.accelerator`` is there (no CUDA device, no GPU run),
+  ``--fabric.devices`` fits it (on a CPU every device is a process: at most one per core),
+  the strategy's package is installed and fits the accelerator, and a multi-node run has
+  the variables that let its machines find each other (else it would wait forever);
 - the data: the dataset opens, holds every camera the backbone reads, knows every task
   ``--dataset.tasks`` names, and gives at least one global batch of windows;
-- names: ``--train.eval_env`` is a registered environment.
+- names and packages: ``--train.eval_env`` is a registered environment, wandb is installed
+  for ``--train.wandb_project``.
 
 Two conventions let core check components it does not know: a backbone config with a
 ``cameras`` field reads those cameras, and a dataset config with a ``tasks`` field keeps only
@@ -20,6 +23,7 @@ collected and raised once as a :class:`robovla.errors.ConfigError` naming the fl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -62,6 +66,9 @@ def check(run: RunConfig, resuming: bool = False) -> None:
     problems = [] if resuming else folder_problems(run)
     problems += fabric_problems(run.fabric)
     problems += data_problems(run)
+    if run.train.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        problems.append(f"--train.wandb_project {run.train.wandb_project}: the wandb package is not installed; "
+                        "pip install wandb, or leave --train.wandb_project unset")
     if run.train.eval_env is not None:
         from robovla.registry import get_component
 
@@ -124,7 +131,30 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+CLUSTER_VARIABLES = ("MASTER_ADDR", "NODE_RANK", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID",
+                     "OMPI_COMM_WORLD_SIZE")
+"""Any one of these says how the machines of a multi-node run find each other (Lightning reads them)."""
+
+
 def fabric_problems(f: FabricConfig) -> list[str]:
+    """The accelerator, strategy and packages the run needs are there and the device count fits them."""
+    import torch
+
+    found = devices_problems(f)
+    on_cpu = f.accelerator == "cpu" or (f.accelerator == "auto" and not torch.cuda.is_available())
+    if f.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        found.append("--fabric.strategy deepspeed: the deepspeed package is not installed; pip install deepspeed, "
+                     "or use --fabric.strategy fsdp or ddp")
+    if f.strategy == "fsdp" and on_cpu:
+        found.append("--fabric.strategy fsdp: FSDP runs on GPUs only; use --fabric.strategy ddp (or auto) on the CPU")
+    if f.num_nodes > 1 and not any(v in os.environ for v in CLUSTER_VARIABLES):
+        found.append(f"--fabric.num_nodes {f.num_nodes}: none of {', '.join(CLUSTER_VARIABLES)} is set, so this "
+                     "process cannot find the other machines and would wait for them; start it on every machine "
+                     "with torchrun or SLURM (or set MASTER_ADDR, MASTER_PORT and NODE_RANK), or use one node")
+    return found
+
+
+def devices_problems(f: FabricConfig) -> list[str]:
     """The accelerator is there and the device count fits it."""
     import torch
 

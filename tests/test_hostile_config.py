@@ -11,6 +11,7 @@ empty). ``{data}``, ``{out}`` and the other names in braces are files planted by
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -177,6 +178,10 @@ RUNS = [
     (["--train.init", "{missing}"], "--train.init {missing}: no such run or checkpoint folder"),
     (["--train.eval_env", "gym"], "--train.eval_env gym: unknown env 'gym'"),
     (["--train.run_name", "{afile_name}", "--train.output_dir", "{tmp}"], "--train.run_name afile: "),
+    (["--fabric.strategy", "fsdp"], "--fabric.strategy fsdp: FSDP runs on GPUs only"),
+    (["--fabric.strategy", "deepspeed"], "--fabric.strategy deepspeed: the deepspeed package is not installed"),
+    (["--fabric.num_nodes", "2"], "--fabric.num_nodes 2: none of MASTER_ADDR, NODE_RANK"),
+    (["--train.wandb_project", "demo"], "--train.wandb_project demo: the wandb package is not installed"),
     (["--overwrite", "--resume", "{out}"], "--overwrite starts the run over and --resume continues it"),
     (["--accept-changes"], "--accept-changes only applies to --resume RUN_DIR"),
 ]
@@ -228,6 +233,11 @@ def test_a_hostile_command_line_is_a_clear_error(command, argv, expected, plante
     if "--fabric.devices" in argv and command == "train" and \
             preflight.cpu_cores() >= int(argv[argv.index("--fabric.devices") + 1]):
         pytest.skip("this machine has that many cores")
+    for package in ("deepspeed", "wandb"):
+        if any(package in a for a in argv) and importlib.util.find_spec(package) is not None:
+            pytest.skip(f"{package} is installed here")
+    if "--fabric.num_nodes" in argv and any(v in os.environ for v in preflight.CLUSTER_VARIABLES):
+        pytest.skip("this process runs in a cluster environment")
     argv = [fill(a, planted) for a in argv]
     before = sorted(os.listdir(planted["out"]))
     code = main(argv)
