@@ -277,11 +277,11 @@ def last(run_dir: Path) -> Path:
     beside it), or a clear error."""
     root = Path(run_dir) / CHECKPOINTS
     link = root / LAST
-    if not link.exists() and not link.is_symlink():
-        raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
-                              "or this is not a run folder")
     names = sorted(p.name for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     fix = f"fix: point it at a checkpoint: ln -sfn {names[-1]} {link}" if names else "and no step-N folder is there"
+    if not link.exists() and not link.is_symlink():
+        raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
+                              "or this is not a run folder" + (f"; {fix}" if names else ""))
     target = os.readlink(link) if link.is_symlink() else None
     try:
         folder = link.resolve(strict=True)
@@ -289,8 +289,8 @@ def last(run_dir: Path) -> Path:
         folder = None
     if target is None or folder is None or folder.parent != root.resolve() or not folder.is_dir() \
             or not STEP_NAME.fullmatch(folder.name):
-        raise DamagedError(f"{link}: {f'a link to {target}' if target else 'not a link'}, not a link to a checkpoint "
-                           f"folder step-N beside it; {fix}")
+        raise DamagedError(f"{link}: {f'links to {target}' if target else 'not a symlink'}; it must link to a "
+                           f"checkpoint folder (step-N) beside it; {fix}")
     return folder
 
 
