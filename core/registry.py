@@ -89,46 +89,73 @@ class PluginExit(BaseException):
         super().__init__(f"the plugin called os._exit({status}) while robovla ran its code")
 
 
-@dataclass
 class Guard:
-    """What :func:`contained` saw: whether a real SIGINT (Ctrl-C) arrived meanwhile."""
+    """What :func:`contained` saw: ``interrupted`` tells whether a real SIGINT (Ctrl-C) arrived."""
 
-    interrupted: bool = False
+    def __init__(self) -> None:
+        self.start = _state["sigints"]
+
+    @property
+    def interrupted(self) -> bool:
+        return _state["sigints"] > self.start
+
+
+# Shared by every contained() in flight, in any thread (they may nest or overlap): the SIGINT
+# count, the handler and os._exit found before the first one, and who runs plugin code now.
+_lock = threading.Lock()
+_state: dict[str, Any] = {"sigints": 0, "handler": None, "exit": os._exit}
+_running: dict[int, list[tuple[int, str]]] = {}  # thread id -> [(process id, label)] of plugin code it runs
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    """A real Ctrl-C while plugin code runs: count it, then do what the handler before did."""
+    previous = _state["handler"]
+    if previous is signal.default_int_handler or previous == signal.SIG_DFL:
+        _state["sigints"] += 1
+        raise KeyboardInterrupt
+    if callable(previous):
+        previous(signum, frame)
+
+
+def _exit_in_plugin(status: int) -> None:
+    """os._exit while plugin code runs: raised as PluginExit in the thread and process running it."""
+    own = _running.get(threading.get_ident())
+    if own and own[-1][0] == os.getpid():
+        raise PluginExit(status)
+    labels = ", ".join(label for runs in list(_running.values()) for _, label in runs)
+    print(f"robovla: {labels or 'a plugin'} called os._exit({status}) while robovla loaded it", file=sys.stderr,
+          flush=True)
+    _state["exit"](status)
 
 
 @contextmanager
 def contained(label: str) -> Iterator[Guard]:
     """Run plugin code (``label`` names it for messages): note a real SIGINT, turn ``os._exit``
-    into :class:`PluginExit`. The caller catches BaseException and asks ``guard.interrupted``."""
+    into :class:`PluginExit`. The caller catches BaseException and asks ``guard.interrupted``;
+    a Ctrl-C the plugin code swallowed is raised again at the end."""
+    main = threading.current_thread() is threading.main_thread()
+    with _lock:
+        if not _running:
+            _state["exit"], os._exit = os._exit, _exit_in_plugin
+        _running.setdefault(threading.get_ident(), []).append((os.getpid(), label))
+        handler = signal.getsignal(signal.SIGINT) if main else None
+        ours = handler is not None and handler is not _on_sigint
+        if ours:
+            _state["handler"] = handler
+            signal.signal(signal.SIGINT, _on_sigint)
     guard = Guard()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
-
-        def on_sigint(signum, frame):  # a real Ctrl-C: note it, then behave as before
-            if previous is signal.default_int_handler or previous == signal.SIG_DFL:
-                guard.interrupted = True
-                raise KeyboardInterrupt
-            if callable(previous):
-                previous(signum, frame)
-
-        if previous is not None:
-            signal.signal(signal.SIGINT, on_sigint)
-    real_exit, pid, thread = os._exit, os.getpid(), threading.get_ident()
-
-    def exit_in_plugin(status: int) -> None:
-        if os.getpid() == pid and threading.get_ident() == thread:
-            raise PluginExit(status)
-        print(f"robovla: {label} called os._exit({status}) while robovla loaded it", file=sys.stderr, flush=True)
-        real_exit(status)
-
-    os._exit = exit_in_plugin
     try:
         yield guard
     finally:
-        os._exit = real_exit
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        with _lock:
+            runs = _running[threading.get_ident()]
+            runs.pop()
+            if not runs:
+                del _running[threading.get_ident()]
+            if not _running:
+                os._exit = _state["exit"]
+            if ours:
+                signal.signal(signal.SIGINT, handler)
     if guard.interrupted:  # the plugin swallowed the user's Ctrl-C: it still stops robo-run
         raise KeyboardInterrupt
 

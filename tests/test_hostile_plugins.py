@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -238,4 +239,42 @@ def test_plugin_code_leaves_os_exit_and_sigint_as_they_were():
     with pytest.raises(PluginExit, match=r"os._exit\(3\)"):
         with contained("plugin test"):
             os._exit(3)
+    assert os._exit is exit_before and signal.getsignal(signal.SIGINT) is handler_before
+
+
+def test_nested_and_overlapping_plugin_code_keeps_its_guard():
+    exit_before, handler_before = os._exit, signal.getsignal(signal.SIGINT)
+    inside, leave = threading.Event(), threading.Event()
+    caught = []
+
+    def other_thread():
+        with contained("plugin in a thread"):
+            inside.set()
+            leave.wait()
+            try:
+                os._exit(9)
+            except PluginExit as exc:
+                caught.append(str(exc))
+
+    with contained("plugin outer"):
+        with pytest.raises(PluginExit, match=r"os._exit\(4\)"):
+            with contained("plugin inner"):
+                os._exit(4)
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        inside.wait()
+        leave.set()
+        thread.join()
+        assert caught == ["the plugin called os._exit(9) while robovla ran its code"]
+        with pytest.raises(PluginExit, match=r"os._exit\(5\)"):  # the thread left; the outer guard holds
+            os._exit(5)
+    assert os._exit is exit_before and signal.getsignal(signal.SIGINT) is handler_before
+    with pytest.raises(KeyboardInterrupt):  # a real SIGINT that nested plugin code swallows still stops robovla
+        with contained("plugin outer") as outer:
+            with contained("plugin inner"):
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass
+    assert outer.interrupted
     assert os._exit is exit_before and signal.getsignal(signal.SIGINT) is handler_before
