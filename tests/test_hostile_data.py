@@ -264,18 +264,41 @@ def test_mixed_image_sizes_name_the_file_and_shape(split, capsys):
                                    "message": "shape (100, 100, 3), expected (200, 200, 3)"}]
 
 
+NESTED = "nested-placeholder"
+
+
+def save_nested(file, tree, depth=10 ** 5):
+    """np.save of ``tree`` (a dict) with the string NESTED in it replaced by a list nested ``depth``
+    deep: pickle itself cannot write one (it recurses), but a file can hold one."""
+    body = pickle.dumps(np.array(tree, dtype=object), protocol=2)
+    placeholder = b"X" + len(NESTED).to_bytes(4, "little") + NESTED.encode()
+    assert body.count(placeholder) == 1
+    with open(file, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        f.write(body.replace(placeholder, b"]" * depth + b"a" * (depth - 1)))
+
+
 @pytest.mark.parametrize("text, shown", [(b"\xff\xfeopen", "bytes that are not UTF-8 text b'\\xff\\xfeopen'"),
                                          (b"open", "bytes b'open'"), ("op\udcffen", "a str that is not valid Unicode"),
-                                         (7, "of type int (7)")])
+                                         (7, "of type int (7)"), (NESTED, "of type list ([[[[[[[...]]]]]]])")])
 def test_annotations_that_are_not_text_are_a_problem_of_the_file(split, capsys, text, shown):
     ann = load_npy(split / ANN, allow_pickle=True).item()
     ann["language"]["ann"][0] = text
-    np.save(split / ANN, ann, allow_pickle=True)
+    save_nested(split / ANN, ann) if text == NESTED else np.save(split / ANN, ann, allow_pickle=True)
     code, report = check_json(split, capsys)
     assert code == 1 and [p["file"] for p in report["problems"]] == [str(split / ANN)]
     assert f"1 entry of language.ann not text: language.ann[0] is {shown}" in report["problems"][0]["message"]
     with pytest.raises(CalvinDataError, match="language.ann not text"):
         robovla.create("dataset", "calvin", {"path": split}).segments()
+
+
+def test_annotation_ranges_nested_past_the_recursion_limit_are_a_problem(split, capsys):
+    ann = load_npy(split / ANN, allow_pickle=True).item()
+    ann["info"]["indx"] = NESTED
+    save_nested(split / ANN, ann)
+    code, report = check_json(split, capsys)
+    assert code == 1 and [p["file"] for p in report["problems"]] == [str(split / ANN)]
+    assert "info.indx: not (start, end) integer pairs" in report["problems"][0]["message"]
 
 
 def write_member(file, shape, data_bytes, dtype="|u1"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,7 +105,7 @@ def _show(value: Any) -> str:
             return f"bytes that are not UTF-8 text {value[:24]!r}"
     if isinstance(value, str):
         return f"a str that is not valid Unicode {value[:24].encode('utf-8', 'backslashreplace')!r}"
-    return f"of type {type(value).__name__} ({repr(value)[:40]})"
+    return f"of type {type(value).__name__} ({reprlib.repr(value)})"  # reprlib: bounded depth and length
 
 
 def _utf8(text: str) -> bool:
@@ -122,7 +123,7 @@ def texts_at(tree: Any, path: tuple[str, ...], problems: list[str]) -> list[str]
     seq = _at(tree, path, problems)
     if seq is None:
         return []
-    if not isinstance(seq, (list, tuple, np.ndarray)) or np.ndim(seq) != 1:
+    if not isinstance(seq, (list, tuple, np.ndarray)) or (isinstance(seq, np.ndarray) and seq.ndim != 1):
         problems.append(f"{name} is a {type(seq).__name__}, not a list of str")
         return []
     seq = list(seq)
@@ -150,7 +151,7 @@ def as_pairs(seq: Any, name: str, problems: list[str], rows: int | None) -> np.n
     """``seq`` as int64 [n, 2] (``rows`` of them when given), or a problem and an empty array."""
     try:
         pairs = np.asarray(seq)
-    except (ValueError, TypeError, OverflowError) as exc:  # ragged, or not numbers at all
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged, nested, or not numbers at all
         problems.append(f"{name}: not (start, end) integer pairs ({type(exc).__name__}: {exc})")
         return np.empty((0, 2), np.int64)
     if pairs.size == 0 and rows is None:
