@@ -86,7 +86,8 @@ class WindowDataset:
     def __init__(self, dataset: Any, action_space: Any, window: int, chunk: int):
         self.dataset, self.action_space = dataset, action_space
         self.window, self.chunk = window, chunk
-        self.segments: SegmentTable = dataset.segment_table()  # arrays, not an object per segment
+        table = getattr(dataset, "segment_table", None)  # robovla.Dataset has it; a duck-typed one may not
+        self.segments = table() if table else SegmentTable.of(dataset.segments())  # arrays, not objects
         # sample i is start frame first[j] + i of the segment j whose samples hold i:
         # 16 bytes per segment, however many samples there are
         counts = np.maximum(self.segments.bounds[:, 1] - self.segments.bounds[:, 0] - window + 2, 0)
@@ -103,6 +104,7 @@ class WindowDataset:
         return int(self._ends[-1]) if len(self._ends) else 0
 
     def __getitem__(self, i: int) -> Window:
+        i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} of {len(self)}")
         seg_i = int(np.searchsorted(self._ends, i, side="right"))
