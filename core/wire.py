@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import IO, Any, Mapping
@@ -38,6 +39,10 @@ IMAGE_PREFIX = "image."
 HEADER_BYTES = 1 << 16  # room for a member's .npy header on top of its array (numpy writes 128 bytes)
 STRAY_SIGNATURES = 64  # zip directory signatures tolerated beyond one per field (image bytes can hold one)
 ACTION_BYTES = 1 << 20  # the most bytes an act answer's action may hold (float64 [A], A at most 131072)
+CHUNK = 1 << 20  # bytes read from a member at a time
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 can break when threads run
+# it at once (SystemError: AST constructor recursion depth mismatch): one header at a time
+_HEADERS = threading.Lock()
 
 
 class WireError(ValueError):
@@ -122,30 +127,35 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, field: F
         raise WireTooLarge(f"{member} inflates to {info.file_size} bytes; refused before inflating it")
     try:
         with archive.open(info) as fp:
-            dtype, shape = _header(fp)
-        if dtype.hasobject:
-            raise ValueError(f"dtype {dtype} holds Python objects, which would need unpickling")
-        size = math.prod(shape) * dtype.itemsize
-        if size > field.bytes:
-            raise WireTooLarge(f"{member} is {dtype} {list(shape)}, {size} bytes; refused before inflating it")
-        with archive.open(info) as fp:  # zip members read in bounded chunks: no more than the header said
-            return np.lib.format.read_array(fp, allow_pickle=False)
+            dtype, shape, fortran = _header(fp)
+            if dtype.hasobject:
+                raise ValueError(f"dtype {dtype} holds Python objects, which would need unpickling")
+            size = math.prod(shape) * dtype.itemsize
+            if size > field.bytes:
+                raise WireTooLarge(f"{member} is {dtype} {list(shape)}, {size} bytes; refused before inflating it")
+            data, got = bytearray(size), 0
+            while got < size:  # a zip member inflates no more than each read asks for
+                chunk = fp.read(min(CHUNK, size - got))
+                if not chunk:
+                    raise ValueError(f"the array stops after {got} of its {size} bytes")
+                data[got:got + len(chunk)] = chunk
+                got += len(chunk)
+        return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
     except WireError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile and numpy format refusals all mean: not a valid archive
         raise _unreadable(what, f"member {info.filename!r}: {type(exc).__name__}: {exc}") from None
 
 
-def _header(fp: IO[bytes]) -> tuple[np.dtype, tuple[int, ...]]:
-    """An .npy member's dtype and shape, read from its header alone."""
+def _header(fp: IO[bytes]) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """An .npy member's dtype, shape and Fortran order, read from its header alone."""
     version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    else:
+    if version not in ((1, 0), (2, 0)):
         raise ValueError(f".npy format version {version[0]}.{version[1]}; numpy.savez writes 1.0 (or 2.0)")
-    return dtype, shape
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    with _HEADERS:
+        shape, fortran, dtype = read(fp)
+    return dtype, shape, fortran
 
 
 def _unreadable(what: str, why: str) -> WireError:
