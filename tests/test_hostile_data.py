@@ -228,6 +228,16 @@ def test_a_billion_frame_recording_is_one_problem_in_bounded_memory(split, capsy
                    f"to episode_{FIRST + 10 ** 9:07d}.npz) inside a recording range of ep_start_end_ids.npy"}]
 
 
+def test_many_missing_ranges_are_listed_up_to_a_limit_then_counted(split, capsys):
+    lone = [[f, f] for f in range(LAST + 2, LAST + 302, 2)]  # 150 one-frame recordings, none of them there
+    np.save(split / "ep_start_end_ids.npy", np.array([[FIRST, LAST]] + lone))
+    code, report = check_json(split, capsys)
+    problems = report["problems"]
+    assert code == 1 and len(problems) == 101 and problems[0]["file"] == str(split / f"episode_{LAST + 2:07d}.npz")
+    assert problems[-1] == {"file": str(split / f"episode_{LAST + 202:07d}.npz"), "key": "",
+                            "message": "... and 50 more missing frame ranges like the above"}
+
+
 def test_a_fifo_and_a_link_loop_in_place_of_frames_are_named_not_waited_on(split, capsys):
     fifo, loop = split / f"episode_{FIRST + 3:07d}.npz", split / f"episode_{FIRST + 5:07d}.npz"
     fifo.unlink()
