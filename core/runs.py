@@ -25,6 +25,11 @@ from robovla.errors import RobovlaError
 
 # what --overwrite removes from a run folder: robovla's own files (anything else stays)
 OWN = (CHECKPOINTS, CONFIG, STATS, "metrics.csv", "tensorboard", "wandb", "loss.png", "eval.json", "eval")
+# fields a resumed run may change freely: where and how often it logs, saves and evaluates,
+# its time budget, and worker counts (the data order follows the seed and the epoch only)
+BOOKKEEPING = {f"train.{k}" for k in ("run_name", "output_dir", "num_workers", "threads", "log_every",
+                                      "checkpoint_every", "max_minutes", "eval_env", "eval_episodes", "eval_seed",
+                                      "wandb_project", "cache")}
 
 
 class RunFolderError(RobovlaError, FileExistsError):
@@ -63,15 +68,15 @@ def claim(run_dir: Path, overwrite: bool = False) -> list[Path]:
 
 
 def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``section.field: saved -> now`` for every field that differs between two resolved
-    configs (:meth:`robovla.config.RunConfig.to_dict`)."""
+    """``section.field: saved -> now`` for every field but :data:`BOOKKEEPING` that differs
+    between two resolved configs (:meth:`robovla.config.RunConfig.to_dict`)."""
     def flat(config: dict[str, Any]) -> dict[str, str]:
         return {f"{s}.{k}": json.dumps(v) for s, body in config.items() if isinstance(body, dict)
                 for k, v in body.items()}
 
     a, b = flat(saved), flat(json.loads(json.dumps(now)))
     return [f"{key}: {a.get(key, '(absent)')} -> {b.get(key, '(absent)')}" for key in sorted(set(a) | set(b))
-            if a.get(key) != b.get(key)]
+            if a.get(key) != b.get(key) and key not in BOOKKEEPING]
 
 
 def check_resume(run: RunConfig, run_dir: Path, world_size: int, accept_changes: bool = False) -> list[str]:
