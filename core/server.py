@@ -57,6 +57,7 @@ from typing import Any, Callable
 import numpy as np
 
 from robovla.env import Observation
+from robovla.errors import RobovlaError
 from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
 from robovla.server_http import (ENDPOINTS, TOKEN_ENV, HTTPServer, RequestError, fit_descriptors, seed_from,
                                  token_from)
@@ -375,6 +376,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--token", default=None, help=f"a bearer token every endpoint but /health requires (default: "
                    f"the environment variable {TOKEN_ENV}, else none; the variable keeps it out of ps)")
     args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be 0..65535 (0 picks a free one), got {args.port}")
     for flag in ("max_batch", "max_sessions", "max_connections"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -386,9 +389,13 @@ def main(argv: list[str]) -> int:
     fit_descriptors(args.max_connections)  # before the model loads: a refusal costs nothing
     policy = Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
                              execution=args.execute)
-    server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,
-                          session_timeout=args.session_timeout, max_connections=args.max_connections,
-                          read_timeout=args.read_timeout, token=token)
+    try:
+        server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,
+                              session_timeout=args.session_timeout, max_connections=args.max_connections,
+                              read_timeout=args.read_timeout, token=token)
+    except OSError as exc:  # the address is taken, not this machine's, or not allowed
+        raise RobovlaError(f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror or exc}); "
+                           "choose another --port (0 picks a free one) or --host") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"robo-run serve: listening on {args.host}: " + (
             "requests need the token; HTTP is not encrypted, so beyond a trusted network put TLS in front"

@@ -477,3 +477,16 @@ def test_token_flag_is_checked(data, tmp_path):
     message = served.stderr.read_text()
     assert served.port is None and served.proc.returncode != 0 and "Traceback" not in message
     assert "--token: a token is printable ASCII without spaces" in message, message
+
+
+def test_a_taken_port_and_a_bad_port_are_clear_errors(data, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        served = Served(["--run", str(data[0]), "--port", str(port)], clean_env(), tmp_path)
+        message = served.stderr.read_text()
+        assert served.port is None and served.proc.returncode != 0 and "Traceback" not in message
+        assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in message, message
+    served = Served(["--run", str(data[0]), "--port", "70000"], clean_env(), tmp_path)
+    assert served.proc.returncode == 2 and "--port must be 0..65535" in served.stderr.read_text()
