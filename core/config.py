@@ -303,8 +303,6 @@ def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel
         src = origin.get((section, field_name))
         src = f" (from {src})" if src else ""
         first = errs[0]
-        for err in errs:
-            err["msg"] = err["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             valid = list(model.model_fields)
             out.append(f"{flag(section, field_name)}: {unknown('field', field_name, valid)}{src}")

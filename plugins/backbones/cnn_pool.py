@@ -69,19 +69,19 @@ class CNNPoolConfig(PromptConfig):
     cameras: list[Literal["gripper", "static"]] = Field(
         ["gripper"], min_length=1, description="cameras read, in sequence order (default: the gripper camera only; "
                                                "in the synthetic task it sees the whole table, centred on the TCP)")
-    image_size: int = Field(80, ge=1, le=1024, description="square side in pixels the images are resized to "
+    image_size: int = Field(80, gt=0, le=1024, description="square side in pixels the images are resized to "
                             "(at most 1024: CALVIN's cameras are 200 and 84 pixels)")
-    channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+    channels: list[Annotated[int, Field(gt=0, le=4096)]] = Field(
         [16, 32, 64], min_length=1, max_length=10,
         description="output channels of the CNN's stride-2 convolutions; the grid side is "
                     "image_size / 2**len(channels)")
     hidden_size: int = Field(
-        128, ge=1, le=65536, description="D: width of image tokens, word embeddings and [LRN] states")
+        128, gt=0, le=65536, description="D: width of image tokens, word embeddings and [LRN] states")
     heads: int = Field(
-        4, ge=1, le=1024, description="H: attention heads of the pooling (each also yields a soft-argmax)")
+        4, gt=0, le=1024, description="H: attention heads of the pooling (each also yields a soft-argmax)")
     layers: int = Field(
-        1, ge=1, le=64, description="pooling rounds; each later round's query is the previous [LRN] state")
-    mlp_ratio: int = Field(2, ge=1, le=64, description="hidden width of the readout MLP, as a multiple of hidden_size")
+        1, gt=0, le=64, description="pooling rounds; each later round's query is the previous [LRN] state")
+    mlp_ratio: int = Field(2, gt=0, le=64, description="hidden width of the readout MLP, as a multiple of hidden_size")
     vocab_buckets: int = Field(
         4096, ge=16, le=10_000_000, description="word-hash buckets of the text embedding (ids 0-2 are padding, BOS "
                                                 "and EOS); distinct words may share a bucket")

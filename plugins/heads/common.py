@@ -17,9 +17,9 @@ from torch import nn
 import robovla
 from robovla import losses
 
-Width = Annotated[int, Field(ge=1, le=65536)]
+Width = Annotated[int, Field(gt=0, le=65536)]
 """A layer width: at least 1, at most 65536 (a typo of 10**9 would otherwise try to allocate it)."""
-Layers = Annotated[int, Field(ge=1, le=1024)]
+Layers = Annotated[int, Field(gt=0, le=1024)]
 """A count of layers, heads or steps."""
 
 # The recipe's arm and gripper MLPs (RoboVLMs MLPTanhHead / MLPSigmoidHead): 1024, 512, 256.
