@@ -132,7 +132,7 @@ class CalvinDataset(robovla.Dataset):
         for name, value in info.items():
             pair = as_pairs([value], f"scene {name!r}", problems, rows=1)
             if not isinstance(name, str):
-                problems.append(f"scene name {name!r} is a {type(name).__name__}, not text")
+                problems.append(f"scene name {name!r} is of type {type(name).__name__}, not text")
             elif len(pair):
                 scenes[name] = (int(pair[0, 0]), int(pair[0, 1]))
         if problems:
