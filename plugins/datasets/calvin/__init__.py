@@ -6,9 +6,10 @@
   long-horizon protocol (:class:`~.sim.CalvinSim`, needs calvin_env);
 - action spaces ``rel-world``, ``rel-tcp`` and ``abs-world`` (:mod:`.actions`).
 
-Modules: ``dataset`` (the reader), ``actions`` (action spaces and rotation math),
-``protocol`` (the 34 tasks, the 1000 chains, the task oracle), ``sim`` (the simulator env),
-``synthetic`` (the synthetic task: its writer and its env).
+Modules: ``dataset`` (the reader), ``files`` (what CALVIN's files hold, read as data only),
+``actions`` (action spaces and rotation math), ``protocol`` (the 34 tasks, the 1000 chains,
+the task oracle), ``sim`` (the simulator env), ``synthetic`` (the synthetic task: its writer
+and its env).
 """
 
 import robovla
