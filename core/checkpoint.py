@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tomllib
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -337,7 +338,7 @@ def load(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
 
 def load_optimizer(file: Path, optimizer: torch.optim.Optimizer, fix: str) -> None:
     """``file``'s optimizer state into ``optimizer``, each moment's shape checked against its parameter's."""
-    with reading(file, "an optimizer state (torch.load, weights only)", fix):
+    with reading(file, "an optimizer state (torch.load, weights only)", fix), warnings.catch_warnings(action="ignore"):
         optimizer.load_state_dict(torch.load(file, weights_only=True))
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -348,8 +349,7 @@ def load_optimizer(file: Path, optimizer: torch.optim.Optimizer, fix: str) -> No
 
 
 def consolidated(folder: Path) -> dict[str, torch.Tensor]:
-    """Every weight of a sharded checkpoint, gathered in one process (on the CPU): FSDP's as
-    ``fabric consolidate`` reads it, or DeepSpeed's ZeRO files through its ``zero_to_fp32``."""
+    """Every weight of a sharded checkpoint (FSDP's, or DeepSpeed's through ``zero_to_fp32``), on the CPU."""
     path = Path(folder) / SHARDED
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint, as Fabric's FSDP writes it
         from lightning_fabric.utilities.load import _load_distributed_checkpoint
