@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 from robovla.errors import ConfigError, RobovlaError, unknown
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from robovla.config import FabricConfig, RunConfig
 
 MAX_RUN_NAME = 128
@@ -188,12 +190,14 @@ def world_size(f: FabricConfig) -> int:
 
 def data_problems(run: RunConfig) -> list[str]:
     """The training split opens, has the backbone's cameras and the named tasks, and yields a batch."""
+    import numpy as np
+
     import robovla
 
     name, config = run.dataset.name, run.dataset.config
     try:
         dataset = robovla.create("dataset", name, config)
-        segments = dataset.segments()
+        lengths = _lengths(dataset.segment_table())
     except (RobovlaError, OSError) as exc:
         from robovla.registry import summary
 
@@ -215,17 +219,25 @@ def data_problems(run: RunConfig) -> list[str]:
     tasks = getattr(config, "tasks", None)
     if tasks:
         found += _task_problems(name, config, tasks)
-    if not segments:
+    if not len(lengths):
         return found + ([] if tasks else [f"--dataset {name}: the split lists no annotated segments to train on"])
     t = run.train
-    windows = sum(max(0, s.end - s.start - t.window + 2) for s in segments)
+    windows = int(np.maximum(0, lengths - t.window + 1).sum())  # as robovla.windows cuts them
     batch = t.batch_size * world_size(run.fabric)
     if windows < batch:
-        longest = max(s.end - s.start + 1 for s in segments)
+        longest = int(lengths.max())
         found.append(f"--train.batch_size {t.batch_size}, --train.window {t.window}: the training split gives "
                      f"{windows} windows of {t.window} frames (its longest segment has {longest} frames), fewer than "
                      f"one global batch of {batch}; lower --train.batch_size or --train.window")
     return found
+
+
+def _lengths(table: Any) -> np.ndarray:
+    """Frames per segment of a :class:`robovla.dataset.SegmentTable`, int64 [S]."""
+    import numpy as np
+
+    bounds = np.asarray(table.bounds, dtype=np.int64).reshape(-1, 2)
+    return bounds[:, 1] - bounds[:, 0] + 1
 
 
 def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:
@@ -233,7 +245,7 @@ def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:
     import robovla
 
     try:
-        have = {s.task for s in robovla.create("dataset", name, config.model_copy(update={"tasks": None})).segments()}
+        have = set(robovla.create("dataset", name, config.model_copy(update={"tasks": None})).segment_table().tasks)
     except (RobovlaError, OSError) as exc:
         return [f"--dataset.tasks: cannot list the split's tasks: {exc}"]
     have.discard(None)
