@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pydantic
 from pydantic import Field
 
 import robovla
@@ -41,12 +42,20 @@ class CalvinDataset(robovla.Dataset):
         action_keys: list[Literal["rel_actions", "actions"]] = Field(
             ["rel_actions", "actions"], min_length=1, description="action arrays to read (rel_actions, actions)")
         tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
-        synthesize: int | None = Field(None, ge=1, description="when path does not exist yet, first write the "
+        synthesize: int | None = Field(None, ge=1, le=100_000, description="when path does not exist yet, first write the "
                                        "synthetic reach task there (this many training episodes; path must end in "
                                        "training/ or validation/); none: never write")
-        synthesize_seed: int = Field(0, description="seed of the synthetic task written by synthesize")
+        synthesize_seed: int = Field(0, ge=0, lt=2**32, description="seed of the synthetic task written by synthesize")
         scenes: list[str] | None = Field(None, description="keep only annotations inside these scenes of "
                                          "scene_info.npy (training splits have it), e.g. calvin_scene_A; none: all")
+
+        @pydantic.field_validator("cameras", "action_keys")
+        @classmethod
+        def _once_each(cls, value: list[str]) -> list[str]:
+            twice = sorted({v for v in value if value.count(v) > 1})
+            if twice:
+                raise ValueError(f"{', '.join(twice)} listed more than once; name each once")
+            return value
 
     def __init__(self, config: Any):
         super().__init__(config)
