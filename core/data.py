@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from robovla.config import RunConfig
+from robovla.errors import ConfigError
 from robovla.frame_cache import CACHE_DIR, CachedDataset, frame_blocks, merged_ranges
 
 
@@ -33,7 +34,8 @@ def split_path(run: RunConfig, split: str) -> Path | None:
         sibling = Path(path).expanduser().parent / "validation"
         return sibling if sibling.is_dir() else None
     if not Path(val).expanduser().is_dir():
-        raise FileNotFoundError(f"--train.val_path {val}: no such folder")
+        raise ConfigError([f"--train.val_path {val}: no such folder; point it at a validation split, or pass "
+                           "--train.val_path none (no validation)"])
     return Path(val).expanduser()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from robovla.config import LoraConfig, TrainConfig
+from robovla.errors import ConfigError
 from robovla.vla import VLA
 
 TRAINABLE = "trainable.safetensors"
@@ -35,8 +36,8 @@ def setup(vla: VLA, train: TrainConfig, lora: LoraConfig) -> None:
             module.requires_grad_(False)
         decoder = groups["decoder"]
         if train.freeze_decoder_layers > len(decoder):
-            raise ValueError(f"--train.freeze_decoder_layers {train.freeze_decoder_layers}: the backbone's decoder "
-                             f"has {len(decoder)} layers")
+            raise ConfigError([f"--train.freeze_decoder_layers {train.freeze_decoder_layers}: the backbone's decoder "
+                               f"has {len(decoder)} layers; freeze at most that many"])
         for module in decoder[:train.freeze_decoder_layers]:
             module.requires_grad_(False)
     if train.gradient_checkpointing:
@@ -62,7 +63,7 @@ def add_lora(vla: VLA, lora: LoraConfig) -> None:
     try:
         peft.inject_adapter_in_model(config, vla.backbone)
     except ValueError as exc:  # no module matched
-        raise ValueError(f"--lora.targets: {exc}") from None
+        raise ConfigError([f"--lora.targets: {exc}"]) from None
     for name, p in vla.backbone.named_parameters():
         p.requires_grad_("lora_" in name or (lora.bias == "all" and name.endswith(".bias")))
     vla.lora_config = config  # plain attribute: saved beside the adapter

@@ -52,6 +52,9 @@ def claim(run_dir: Path, overwrite: bool = False) -> list[Path]:
         return []
     if not overwrite:
         shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        if not any((run_dir / "checkpoints").glob("step-*")):
+            raise RunFolderError(f"{run_dir} holds a run that saved no checkpoint ({shown}): it stopped before its "
+                                 "first save. Start it over with --overwrite, or choose another --train.run_name")
         raise RunFolderError(f"{run_dir} already holds a run ({shown}); continue it with `robo-run --resume "
                              f"{run_dir}`, start it over with --overwrite (deletes its checkpoints, logs, plots, "
                              "eval results and config), or choose another --train.run_name")

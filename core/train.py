@@ -34,6 +34,7 @@ import torch
 
 from robovla import checkpoint
 from robovla.config import RunConfig
+from robovla.errors import ConfigError
 from robovla.logs import Logs, plot
 from robovla.runs import load_rng, save_rng
 
@@ -266,8 +267,9 @@ def loaders(fabric: Any, run: RunConfig, vla: Any, run_dir: Path, resuming: bool
             (run_dir / checkpoint.STATS).write_text(json.dumps(space.state_dict(), indent=2))
     windows = WindowDataset(data, space, t.window, t.chunk)
     if len(windows) < t.batch_size * fabric.world_size:
-        raise ValueError(f"{len(windows)} training windows are fewer than one global batch "
-                         f"({t.batch_size} x {fabric.world_size}); lower --train.batch_size")
+        raise ConfigError([f"--train.batch_size {t.batch_size}: the training split gives {len(windows)} windows, fewer "
+                           f"than one global batch ({t.batch_size} x {fabric.world_size} processes); lower "
+                           "--train.batch_size or --train.window"])
     share = {"num_workers": t.num_workers, "rank": fabric.global_rank, "world_size": fabric.world_size}
     loader = make_loader(windows, t.batch_size, preprocess=Preprocess.for_backbone(vla.backbone, train=t.augment),
                          seed=t.seed, pin_memory=fabric.device.type == "cuda", **share)

@@ -426,3 +426,32 @@ def test_a_damaged_init_checkpoint_is_refused_before_the_new_run_folder_exists(r
     assert main(tiny_argv(runs["synth"], tmp_path, "tuned", "--train.init", str(copy))) == 1
     assert f"{copy / STEP / 'model.safetensors'}: corrupted" in capsys.readouterr().err
     assert not (tmp_path / "tuned").exists()
+
+
+def test_a_run_that_failed_before_its_first_save_says_so_and_overwrite_restarts_it(runs, tmp_path, capsys):
+    """A flag only the model can check (more frozen decoder layers than the backbone has) is a
+    clear error at build time; the folder it left is refused by name as one without a checkpoint."""
+    argv = tiny_argv(runs["synth"], tmp_path, "early")
+    capsys.readouterr()
+    assert main([*argv, "--train.freeze_decoder_layers", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "--train.freeze_decoder_layers 1000: the backbone's decoder has 1 layers; freeze at most that many" in err
+    assert "Traceback" not in err
+    assert main(argv) == 1
+    assert f"{tmp_path / 'early'} holds a run that saved no checkpoint (config.toml): it stopped before its first " \
+           "save. Start it over with --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0 and checkpoint.last(tmp_path / "early").name == "step-000004"
+
+
+def test_library_callers_of_train_get_config_errors_naming_the_flag(runs, tmp_path):
+    from robovla.cli import config_toml, resolve
+    from robovla.errors import ConfigError
+    from robovla.train import train
+
+    run = resolve(tiny_argv(runs["synth"], tmp_path, "val", "--train.val_path", str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match=f"--train.val_path {tmp_path / 'nowhere'}: no such folder; point it at"):
+        train(run, config_toml(run), progress=False)
+    run = resolve(tiny_argv(runs["synth"], tmp_path, "big", "--train.batch_size", "60000"))
+    with pytest.raises(ConfigError, match=r"--train.batch_size 60000: the training split gives \d+ windows, fewer "
+                                          r"than one global batch \(60000 x 1 processes\)"):
+        train(run, config_toml(run), progress=False)
