@@ -1,7 +1,7 @@
 """Throughput and latency of ``robo-run serve`` under concurrent clients, for variants measured
 side by side in one invocation.
 
-    python bench/server_load.py [--clients 32] [--requests 40] [--rounds 3] [--run RUN]
+    python bench/server_load.py [--clients 32] [--requests 40] [--rounds 4] [--run RUN]
                                 [--against PATH] [--json]
 
 The policy is a demo run (``robo-run --preset demo``: cnn-pool on the gripper camera, LSTM
@@ -15,12 +15,13 @@ client is this script's own (numpy.savez and http.client), the same for every va
 Reported per variant: requests per second over the timed phase, and the 50th and 99th
 percentile of the request latencies, each the median of the rounds, with its ratio to this
 tree. Variants alternate round by round, each round starting with the next (A B, B A, ...),
-so that machine noise and order effects hit all alike.
+so that machine noise and order effects hit all alike (an even number of rounds puts each
+of two variants first equally often).
 
 Variants:
   this tree        the robovla this script belongs to
   --against PATH   another robovla checkout (its core/ and plugins/ imported instead),
-                   e.g. a worktree of an earlier commit
+                   e.g. a worktree of an earlier commit; repeatable
 """
 
 from __future__ import annotations
@@ -159,17 +160,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients, one session each (default 32)")
     parser.add_argument("--requests", type=int, default=40, help="timed act requests per client (default 40)")
-    parser.add_argument("--rounds", type=int, default=3, help="servers started per variant (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="servers started per variant (default 4)")
     parser.add_argument("--run", type=Path, default=None, help="a run folder to serve (default: train a demo run)")
     parser.add_argument("--train-steps", type=int, default=20, help="steps of the demo run (default 20)")
-    parser.add_argument("--against", type=Path, default=None, help="another robovla checkout to compare with")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="another robovla checkout to compare with (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mine = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(shim(Path(tmp) / "this", ROOT))}
         variants = {"this tree": mine}
-        if args.against is not None:
-            variants[str(args.against)] = {**mine, "PYTHONPATH": str(shim(Path(tmp) / "other", args.against))}
+        for k, other in enumerate(args.against):
+            variants[str(other)] = {**mine, "PYTHONPATH": str(shim(Path(tmp) / f"other{k}", other))}
         run = args.run or train_demo(Path(tmp) / "runs", args.train_steps, mine)
         results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
         names = list(variants)
