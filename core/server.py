@@ -370,7 +370,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="open connections at most; past it "
                    f"the longest-idle one closes, or 503 if all are busy (default {MAX_CONNECTIONS})")
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT, help="seconds a connection may send nothing "
-                   f"before it is closed (default {READ_TIMEOUT:g})")
+                   f"before it is closed, and the most a request's body may take (default {READ_TIMEOUT:g})")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT, help="seconds the requests in flight get "
                    f"to finish on SIGTERM or Ctrl-C (default {DRAIN_TIMEOUT:g})")
     p.add_argument("--token", default=None, help=f"a bearer token every endpoint but /health requires (default: "

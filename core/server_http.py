@@ -5,7 +5,8 @@ it waits for a request (or reads its headers) and *busy* while an endpoint answe
 new connection past the cap closes the longest-idle one (as keep-alive servers do; the
 client reconnects), so idle sockets cannot lock anyone out; only when every connection is
 busy is it answered 503 at once and closed. A connection that sends nothing for
-``read_timeout`` seconds is closed. A client that leaves mid-answer ends its connection
+``read_timeout`` seconds is closed, and a request's body must arrive within that time
+(408 otherwise). A client that leaves mid-answer ends its connection
 quietly. While the server drains (:meth:`HTTPServer.drain`) requests on open connections
 get 503 and the busy ones finish. :func:`fit_descriptors` raises the process's limit on open
 files to fit the cap; :func:`token_from` reads the bearer token a server requires.
@@ -280,7 +281,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is not read: the connection cannot be reused
             why = f" (images up to {self.server.policy_server.max_image_side} px a side)" if act else ""
             raise RequestError(413, f"the body has {n} bytes; at most {limit}{why}")
-        return self.rfile.read(n)
+        return self._read(n)
+
+    def _read(self, n: int) -> bytes:
+        """``n`` bytes of body, all within ``read_timeout`` seconds: a client trickling a byte
+        now and then would otherwise hold a busy connection for as long as it likes (408)."""
+        deadline, parts, got = time.monotonic() + self.server.read_timeout, [], 0
+        try:
+            while got < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                part = self.rfile.read1(min(n - got, 1 << 20))
+                if not part:
+                    raise ConnectionResetError("the client closed the connection mid-body")
+                parts.append(part)
+                got += len(part)
+        except TimeoutError:
+            self.close_connection = True
+            raise RequestError(408, f"the body came too slowly: {got} of {n} bytes in "
+                                    f"{self.server.read_timeout:g} s (--read-timeout)") from None
+        finally:
+            self.connection.settimeout(self.server.read_timeout)
+        return b"".join(parts)
 
     # ------------------------------------------------------------------- the endpoints
 

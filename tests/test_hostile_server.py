@@ -490,3 +490,39 @@ def test_a_taken_port_and_a_bad_port_are_clear_errors(data, tmp_path):
         assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in message, message
     served = Served(["--run", str(data[0]), "--port", "70000"], clean_env(), tmp_path)
     assert served.proc.returncode == 2 and "--port must be 0..65535" in served.stderr.read_text()
+
+
+def test_a_body_trickled_a_byte_at_a_time_gets_408_within_the_read_timeout(make_server):
+    """Each byte comes well within the read timeout, but the body as a whole must arrive
+    within it: the server answers 408 long before the client has sent its last byte."""
+    server = make_server(read_timeout=0.5)
+    body = b"{" + b" " * 998 + b"}"
+    sent, answered = [], threading.Event()
+    with socket.create_connection(server.httpd.server_address[:2], timeout=BOUND) as s:
+        s.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body))
+
+        def trickle():
+            for byte in body:
+                if answered.wait(0.05):
+                    return
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:  # closed by the server
+                    return
+                sent.append(byte)
+
+        sender = threading.Thread(target=trickle)
+        sender.start()
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            part = s.recv(4096)
+            if not part:
+                break
+            reply += part
+        answered.set()
+        sender.join(BOUND)
+    assert reply.startswith(b"HTTP/1.0 408") or reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b"the body came too slowly" in reply and b"of 1000 bytes in 0.5 s (--read-timeout)" in reply
+    assert len(sent) < len(body)  # answered while the client was still sending
+    assert request(server, "GET", "/health")[0] == 200
