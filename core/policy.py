@@ -173,6 +173,7 @@ class Policy:
         from robovla import checkpoint as ckpt
         from robovla import config as cfg
         from robovla.data import saved_action_space
+        from robovla.runs import model_changes
         from robovla.vla import build
 
         run_dir = Path(run_dir).expanduser()
@@ -191,6 +192,7 @@ class Policy:
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
             vla = build(run, init=False)  # the checkpoint holds every weight
         state = ckpt.load(folder, vla)  # state.json checked, the weights' checksums verified
+        model_changes(run, run_dir, folder, state)
         space = saved_action_space(run, run_dir)
         info = {"run": str(run_dir), "checkpoint": folder.name, "step": state.get("step"),
                 "backbone": run.backbone.name, "head": run.head.name,

@@ -82,6 +82,24 @@ def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             if a.get(key) != b.get(key) and key not in BOOKKEEPING]
 
 
+MODEL = ("backbone.", "head.", "action_space.", "lora.", "train.window:", "train.chunk:", "train.lrn_tokens:",
+         "train.ablate:")
+"""What changes the policy a checkpoint serves: its components, adapters, window, chunk, [LRN] and ablation."""
+
+
+def model_changes(run: RunConfig, run_dir: Path, folder: Path, state: dict[str, Any]) -> None:
+    """Refuse to serve or evaluate ``folder`` when config.toml now describes another policy
+    than the one its weights were trained as (e.g. an edited action-space bound, which no
+    shape would catch). Checkpoints saved without their config are not compared."""
+    found = [c for c in changes(state.get("config") or {}, run.to_dict()) if c.startswith(MODEL)] \
+        if "config" in state else []
+    if found:
+        raise DriftError(f"{Path(run_dir) / CONFIG} no longer describes the policy {folder} was trained as "
+                         "(saved -> now):\n" + "".join(f"  {c}\n" for c in found)
+                         + f"fix: restore the saved values in {Path(run_dir) / CONFIG} (the checkpoint's own are in "
+                         f"{folder / 'state.json'} under \"config\")")
+
+
 def check_resume(run: RunConfig, run_dir: Path, world_size: int, accept_changes: bool = False) -> list[str]:
     """Before any process starts, what ``--resume run_dir`` needs: its last checkpoint whole
     (state, checksums, every process's RNG states), its action_stats.json and metrics.csv

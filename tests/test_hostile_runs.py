@@ -455,3 +455,26 @@ def test_library_callers_of_train_get_config_errors_naming_the_flag(runs, tmp_pa
     with pytest.raises(ConfigError, match=r"--train.batch_size 60000: the training split gives \d+ windows, fewer "
                                           r"than one global batch \(60000 x 1 processes\)"):
         train(run, config_toml(run), progress=False)
+
+
+def test_a_config_edited_after_training_is_refused_where_it_changes_the_policy(runs, tmp_path):
+    """An action-space bound changes what the weights' outputs mean and no shape catches it:
+    serving or evaluating from the edited config.toml is refused, naming the field; an edit of
+    a training-only field (the learning rate) leaves the policy as it was and is served."""
+    from robovla.policy import Policy
+    from robovla.runs import DriftError
+
+    copy = tmp_path / "edited"
+    shutil.copytree(runs["full"], copy, symlinks=True)
+    text = (copy / "config.toml").read_text()
+    assert "clip_bound = 0.65" in text
+    (copy / "config.toml").write_text(text.replace("clip_bound = 0.65", "clip_bound = 0.3"))
+    before = fingerprint(copy)
+    with pytest.raises(DriftError) as caught:
+        Policy.from_run(copy)
+    assert f"{copy / 'config.toml'} no longer describes the policy {copy / STEP} was trained as (saved -> now):\n" \
+           "  action_space.clip_bound: 0.65 -> 0.3\nfix: restore the saved values" in str(caught.value)
+    assert fingerprint(copy) == before
+    assert "\nlr = 0.01\n" in text
+    (copy / "config.toml").write_text(text.replace("\nlr = 0.01\n", "\nlr = 0.02\n"))
+    assert Policy.from_run(copy).info["step"] == 4
