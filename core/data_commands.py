@@ -119,13 +119,16 @@ def cmd_cache(argv: list[str]) -> int:
     p = _parser("cache", "Build the frame cache of the frames the dataset's windows touch (also built on first use).")
     p.add_argument("--out", type=Path, default=None, help=f"cache folder (default: PATH/{CACHE_DIR})")
     args = p.parse_args(argv)
-    from robovla.frame_cache import CachedDataset
+    from robovla.frame_cache import CacheFolderError, CachedDataset, cache_folder
 
-    folder = args.out or args.path / CACHE_DIR
-    cached = CachedDataset(_open(args), folder)  # builds under a lock unless current
-    size = sum(f.stat().st_size for f in folder.iterdir())
+    try:
+        cache_folder(args.out or args.path / CACHE_DIR)  # refused before the dataset is read
+    except CacheFolderError as exc:
+        raise CacheFolderError(f"{'--out ' if args.out else 'the default cache folder '}{exc}") from None
+    cached = CachedDataset(_open(args), args.out or args.path / CACHE_DIR)  # builds under a lock unless current
+    size = sum(f.stat().st_size for f in cached.folder.iterdir())
     state = "built" if cached.built else "up to date"
-    print(f"{folder}: {state}, {len(cached.arrays['robot_obs'])} frames, {size / 2**20:.1f} MiB")
+    print(f"{cached.folder}: {state}, {len(cached.arrays['robot_obs'])} frames, {size / 2**20:.1f} MiB")
     return 0
 
 

@@ -27,10 +27,59 @@ from typing import Any, Iterator
 import numpy as np
 
 from robovla.dataset import Dataset, Frames, Problem, Segment, SegmentTable
+from robovla.errors import RobovlaError
 
 VERSION = 1
 CACHE_DIR = "robovla_cache"  # the default cache folder, inside each split folder
 BLOCK = 256  # frames read from the source per step while building
+
+
+class CacheFolderError(RobovlaError, ValueError):
+    """The folder given for a frame cache is not one robovla may replace; nothing was changed."""
+
+
+FIX = ("the frame cache replaces its whole folder, so it writes only into a new or empty folder or over an "
+       "earlier robovla frame cache: choose a new or empty folder (robo-run data cache --out DIR, --train.cache DIR)")
+
+
+def cache_folder(folder: Path | str) -> Path:
+    """``folder`` as an absolute path (``.`` and ``..`` resolved by name), checked to be one the
+    cache may replace: absent, an empty folder, or a robovla frame cache (an ``index.json`` of
+    robovla's format and only the arrays it names). Anything else raises
+    :class:`CacheFolderError` naming the folder, before any file is touched."""
+    given = folder
+    folder = Path(os.path.abspath(Path(folder).expanduser()))
+    if not folder.name:
+        raise CacheFolderError(f"{given}: the root folder; {FIX}")
+    if Path.cwd() == folder or folder in Path.cwd().parents:
+        raise CacheFolderError(f"{given}: the current folder (or a folder holding it); {FIX}")
+    if folder.is_symlink():
+        raise CacheFolderError(f"{given}: a symbolic link; pass the folder it points to, or {FIX}")
+    if not folder.exists():
+        return folder
+    if not folder.is_dir():
+        raise CacheFolderError(f"{given}: not a folder; {FIX}")
+    names = sorted(p.name for p in folder.iterdir())
+    if names and not _is_cache(folder, names):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise CacheFolderError(f"{given}: not a robovla frame cache (it holds {shown}); {FIX}")
+    return folder
+
+
+def _is_cache(folder: Path, names: list[str]) -> bool:
+    """Whether ``folder`` (holding ``names``) is a frame cache robovla wrote: its index.json in
+    robovla's format and nothing but the arrays the index names."""
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or not {"version", "fingerprint", "ranges", "frames", "arrays"} <= set(meta):
+        return False
+    arrays = meta["arrays"]
+    if not isinstance(meta["version"], int) or not isinstance(arrays, list) or \
+            not all(isinstance(a, str) for a in arrays) or not isinstance(meta["ranges"], list):
+        return False
+    return set(names) <= {"index.json", *(f"{a}.npy" for a in arrays)}
 
 
 def merged_ranges(segments: list[Segment]) -> list[tuple[int, int]]:
@@ -65,7 +114,7 @@ def locked(folder: Path):
 def ensure(dataset: Dataset, folder: Path, progress: bool = True) -> bool:
     """Build the cache unless a current one is there; safe to call from many processes at once.
     Returns whether it was built."""
-    folder = Path(folder)
+    folder = cache_folder(folder)  # before the lock file or anything else is written
     with locked(folder):
         fingerprint = dataset.fingerprint()  # one scan of the files serves the check and the build
         if _is_current(folder, fingerprint):
@@ -86,7 +135,7 @@ def build(dataset: Dataset, folder: Path, progress: bool = True, fingerprint: An
     total = sum(b - a + 1 for a, b in ranges)
     if total == 0:
         raise ValueError(f"{type(dataset).__name__} lists no annotated frames to cache")
-    folder = Path(folder)
+    folder = cache_folder(folder)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -111,6 +160,7 @@ def build(dataset: Dataset, folder: Path, progress: bool = True, fingerprint: An
     meta = {"version": VERSION, "fingerprint": fingerprint, "ranges": index, "frames": total,
             "arrays": sorted(arrays)}
     (tmp / "index.json").write_text(json.dumps(meta))
+    cache_folder(folder)  # still empty or an old cache (checked again: the build took a while)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -134,7 +184,7 @@ class CachedDataset(Dataset):
 
     def __init__(self, source: Dataset, folder: Path, rebuild: bool = True):
         super().__init__(source.config)
-        self.source, self.folder = source, Path(folder)
+        self.source, self.folder = source, cache_folder(folder)
         self.built = False  # whether opening it had to build it
         if rebuild:
             self.built = ensure(source, self.folder)

@@ -392,3 +392,51 @@ def test_many_annotations_are_held_in_arrays(tmp_path):
     # bytes per annotation: 48 kept (bounds, two text codes, the window index); the peak is
     # reading the pickle itself (a tuple and two ints per annotation, one str per text)
     assert kept / n < 64 and peak / n < 400, (kept / n, peak / n)
+
+
+# ------------------------------------------------------------------------------ folders given to write into
+
+def tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_frame_cache_never_replaces_a_folder_that_is_not_one(split, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "runs" / "r2"  # a trained run with the user's notes in it
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "NOTES.md").write_text("my notes")
+    (run / "checkpoints" / "state.json").write_text("{}")
+    before = tree(run)
+    assert main(["data", "cache", str(split), "--out", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {run}: not a robovla frame cache (it holds NOTES.md, checkpoints)" in err
+    assert "choose a new or empty folder" in err and "Traceback" not in err
+    assert tree(run) == before and not list(run.parent.glob("r2.*"))  # no lock, no temporary folder
+    mydata = tmp_path / "mydata"  # --train.cache DIR caches into DIR/train
+    (mydata / "train").mkdir(parents=True)
+    (mydata / "train" / "important.txt").write_text("keep")
+    source = robovla.create("dataset", "calvin", {"path": split})
+    with pytest.raises(robovla.RobovlaError, match=f"{mydata / 'train'}: not a robovla frame cache .it holds "
+                                                   "important.txt."):
+        robovla.frame_cache.CachedDataset(source, mydata / "train")
+    assert (mydata / "train" / "important.txt").read_text() == "keep"
+    fake = tmp_path / "fake"  # an index.json that is not robovla's, or one beside a user's file
+    fake.mkdir()
+    (fake / "index.json").write_text('{"version": 1}')
+    assert main(["data", "cache", str(split), "--out", str(fake)]) == 1 and (fake / "index.json").exists()
+    assert f"--out {fake}: not a robovla frame cache (it holds index.json)" in capsys.readouterr().err
+    cache, empty = tmp_path / "cache", tmp_path / "empty"
+    empty.mkdir()
+    stale = '"fingerprint": "x'
+    for folder in (cache, empty, cache):  # new, empty, and an earlier (stale) cache are (re)built
+        assert main(["data", "cache", str(split), "--out", str(folder)]) == 0
+        assert "built" in capsys.readouterr().out and stale not in (folder / "index.json").read_text()
+        (folder / "index.json").write_text((folder / "index.json").read_text().replace('"fingerprint": "', stale))
+    (cache / "NOTES.md").write_text("mine")  # a user's file inside an earlier cache: not replaced either
+    assert main(["data", "cache", str(split), "--out", str(cache)]) == 1 and (cache / "NOTES.md").exists()
+    assert "(it holds NOTES.md, action_actions.npy" in capsys.readouterr().err
+    monkeypatch.chdir(empty)
+    for where in (".", "..", "/"):
+        assert main(["data", "cache", str(split), "--out", where]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {where}: the " in err and "choose a new or empty folder" in err and "Traceback" not in err
+    assert tree(tmp_path / "empty") and (tmp_path / "empty").is_dir()
