@@ -18,11 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from robovla import registry_file
-from robovla.errors import RobovlaError
+from robovla.errors import ConfigError, RobovlaError
 from robovla.frame_cache import CACHE_DIR
 from robovla.registry import create, get_component
 
 STATS_FILE = "robovla_stats.json"
+WINDOW_MAX = 1024  # as --train.window
+EPISODES_MAX = 100_000  # as --dataset.synthesize
+SEED_END = 2 ** 32  # numpy's seeds
+
+
+def _within(args: argparse.Namespace, flag: str, low: int, high: int, what: str) -> None:
+    """Refuse ``--flag`` outside [low, high] as a usage error naming the flag."""
+    value = getattr(args, flag)
+    if not low <= value <= high:
+        raise ConfigError([f"--{flag} {value}: {what} is an integer from {low} to {high}; pass one in that range"],
+                          header="cannot parse the command line")
 
 
 def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
@@ -45,6 +56,7 @@ def cmd_check(argv: list[str]) -> int:
     p = _parser("check", "Validate a dataset's files and report every problem with its file and key.")
     p.add_argument("--window", type=int, default=8, help="T, to count the training samples (default 8)")
     args = p.parse_args(argv)
+    _within(args, "window", 1, WINDOW_MAX, "the window T (frames per training sample)")
     from robovla.windows import sample_counts
 
     dataset = _open(args)
@@ -106,6 +118,12 @@ def cmd_synth(argv: list[str]) -> int:
     p.add_argument("--episodes", type=int, default=200, help="training episodes (default 200)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same files (default 0)")
     args = p.parse_args(argv)
+    _within(args, "episodes", 1, EPISODES_MAX, "the number of training episodes")
+    _within(args, "seed", 0, SEED_END - 1, "the seed")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
+        raise ConfigError([f"--out {args.out}: {what}; synth writes a new dataset there and would mix it with (or "
+                           "overwrite) what is there: pass a new or empty folder"], header="cannot parse the command line")
     cls = get_component("dataset", args.dataset).load()
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")

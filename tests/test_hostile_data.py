@@ -440,3 +440,38 @@ def test_the_frame_cache_never_replaces_a_folder_that_is_not_one(split, tmp_path
         err = capsys.readouterr().err
         assert f"--out {where}: the " in err and "choose a new or empty folder" in err and "Traceback" not in err
     assert tree(tmp_path / "empty") and (tmp_path / "empty").is_dir()
+
+
+def test_data_synth_writes_only_into_a_new_or_empty_folder(split, tmp_path, capsys):
+    before = tree(split)
+    dropped = tmp_path / "file"
+    dropped.write_text("x")
+    for out, what in ((split, "a folder that is not empty"), (dropped, "not a folder")):
+        assert main(["data", "synth", "--out", str(out), "--episodes", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {what}" in err and "pass a new or empty folder" in err and "Traceback" not in err
+    assert tree(split) == before and dropped.read_text() == "x"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["data", "synth", "--out", str(empty), "--episodes", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["episodes"] == 1
+    assert (empty / "training" / ANN).exists() and (empty / "validation" / ANN).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "--episodes", "-3"], "--episodes -3: the number of training episodes is an integer from 1 to 100000"),
+    (["synth", "--episodes", "0"], "--episodes 0: the number of training episodes is an integer from 1"),
+    (["synth", "--seed", "-1"], "--seed -1: the seed is an integer from 0 to 4294967295"),
+    (["synth", "--seed", str(2 ** 32)], f"--seed {2 ** 32}: the seed is an integer from 0"),
+    (["check", "SPLIT", "--window", "100000000000000000000"], "--window 100000000000000000000: the window T"),
+    (["check", "SPLIT", "--window", "0"], "--window 0: the window T (frames per training sample) is an integer "
+                                          "from 1 to 1024"),
+    (["check", "SPLIT", "--window", "-5"], "--window -5: the window T"),
+])
+def test_out_of_range_data_flags_are_usage_errors_naming_the_flag(split, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    argv = [str(split) if a == "SPLIT" else a for a in argv] + (["--out", str(out)] if argv[0] == "synth" else [])
+    assert main(["data", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "pass one in that range" in err and "Traceback" not in err
+    assert not out.exists()
