@@ -123,7 +123,8 @@ def cmd_synth(argv: list[str]) -> int:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
         raise ConfigError([f"--out {args.out}: {what}; synth writes a new dataset there and would mix it with (or "
-                           "overwrite) what is there: pass a new or empty folder"], header="cannot parse the command line")
+                           "overwrite) what is there: pass a new or empty folder"],
+                          header="cannot parse the command line")
     cls = get_component("dataset", args.dataset).load()
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
