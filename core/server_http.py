@@ -226,6 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.server.draining:
                 raise RequestError(503, "the server is shutting down")
+            self._framing()
             path = self.path.split("?")[0].rstrip("/")
             answer, sessions = self._resolve(path)
             self._authorize(path)
@@ -264,23 +265,34 @@ class _Handler(BaseHTTPRequestHandler):
                                     "'Authorization: Bearer TOKEN' (PolicyClient(url, token=...) or "
                                     "ROBOVLA_SERVE_TOKEN)")
 
+    def _framing(self) -> None:
+        """400, and the connection closed, for a request whose body a proxy in front could delimit
+        otherwise than this server (request smuggling): any Transfer-Encoding, more than one
+        Content-Length, or one that is not plain ASCII digits (``+2``, ``1_0``, `` 2``)."""
+        lengths = self.headers.get_all("Content-Length") or []
+        problem = ("Transfer-Encoding is not accepted; send the body with one Content-Length header"
+                   if "Transfer-Encoding" in self.headers else
+                   f"{len(lengths)} Content-Length headers ({', '.join(map(repr, lengths))[:200]}); send one"
+                   if len(lengths) > 1 else
+                   f"Content-Length {lengths[0][:100]!r} is not a byte count (ASCII digits only)"
+                   if lengths and not re.fullmatch(r"[0-9]+", lengths[0]) else None)
+        if problem is not None:
+            self.close_connection = True
+            raise RequestError(400, problem)
+        if self.command != "POST" and lengths and lengths[0].strip("0"):
+            self.close_connection = True  # its body is not read: it must not be taken for the next request
+
     def _body(self, act: bool) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None:
             self.close_connection = True
             raise RequestError(411, "send a Content-Length header with the body")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise RequestError(400, f"Content-Length {length!r} is not a byte count") from None
         limit = self.server.policy_server.max_body if act else JSON_BODY
+        n = int(length) if len(length) < 19 else limit + 1  # one, of ASCII digits (_framing)
         if n > limit:
             self.close_connection = True  # the body is not read: the connection cannot be reused
             why = f" (images up to {self.server.policy_server.max_image_side} px a side)" if act else ""
-            raise RequestError(413, f"the body has {n} bytes; at most {limit}{why}")
+            raise RequestError(413, f"the body has {length[:30]} bytes; at most {limit}{why}")
         return self._read(n)
 
     def _read(self, n: int) -> bytes:

@@ -526,3 +526,56 @@ def test_a_body_trickled_a_byte_at_a_time_gets_408_within_the_read_timeout(make_
     assert b"the body came too slowly" in reply and b"of 1000 bytes in 0.5 s (--read-timeout)" in reply
     assert len(sent) < len(body)  # answered while the client was still sending
     assert request(server, "GET", "/health")[0] == 200
+
+
+def exchange(server, raw):
+    """Send ``raw`` on one connection and read until the server closes it: the bytes answered."""
+    with socket.create_connection(server.httpd.server_address[:2], timeout=BOUND) as s:
+        s.sendall(raw)
+        reply = b""
+        while part := s.recv(65536):
+            reply += part
+    return reply
+
+
+SMUGGLED = b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+FRAMINGS = {  # headers of a POST /sessions whose body is SMUGGLED (or part of it) -> the error
+    "chunked after a zero length": (b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+                                    b"%x\r\n" % len(SMUGGLED) + SMUGGLED + b"\r\n0\r\n\r\n",
+                                    b"Transfer-Encoding is not accepted; send the body with one Content-Length"),
+    "chunked alone": (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n" + SMUGGLED, b"Transfer-Encoding is not"),
+    "two lengths": (b"Content-Length: 0\r\nContent-Length: 2\r\n", b"{}" + SMUGGLED,
+                    b"2 Content-Length headers ('0', '2'); send one"),
+    "plus sign": (b"Content-Length: +2\r\n", b"{}" + SMUGGLED, b"Content-Length '+2' is not a byte count"),
+    "underscore": (b"Content-Length: 1_0\r\n", b"{\"seed\": 1}" + SMUGGLED, b"Content-Length '1_0' is not"),
+    "negative": (b"Content-Length: -1\r\n", SMUGGLED, b"Content-Length '-1' is not a byte count"),
+    "superscript two": (b"Content-Length: \xb22\r\n", b"{}" + SMUGGLED,
+                        b"Content-Length '\\u00b22' is not a byte count (ASCII digits only)"),  # JSON escapes it
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAMINGS))
+def test_ambiguous_framing_gets_400_and_the_connection_closes(make_server, case):
+    """Framing a proxy in front could read otherwise (request smuggling) is refused: one 400,
+    the connection closed, and nothing after the headers taken for a request (no session opens)."""
+    server = make_server()
+    headers, body, error = FRAMINGS[case]
+    reply = exchange(server, b"POST /sessions HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert reply.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in reply, reply
+    assert error in reply, reply
+    assert not server.sessions  # neither the request nor the smuggled one opened a session
+    assert request(server, "GET", "/health")[0] == 200
+
+
+def test_a_length_of_ascii_digits_is_served_and_a_get_body_closes_the_connection(make_server):
+    server = make_server()
+    reply = exchange(server, b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Length: 002\r\n\r\n{}"
+                             b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 201 ") and reply.count(b"HTTP/1.1 200 ") == 1, reply  # both answered
+    assert len(server.sessions) == 1
+    # a GET's body is not read: the server closes rather than read it as the next request
+    reply = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(SMUGGLED)
+                     + SMUGGLED)
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in reply
+    assert len(server.sessions) == 1
