@@ -139,6 +139,10 @@ def offline_table(report: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------- command line
 
 
+CHECKPOINT_HELP = ("a checkpoint of RUN: a name under RUN/checkpoints (e.g. step-000500) or a folder inside it "
+                   "(default: last); another run's checkpoint needs --run of that run")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="robo-run eval", description="Evaluate a trained run: offline metrics on a validation split and "
@@ -147,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, help="the run folder (runs/<name>)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
                    help="merge the long-horizon reports of shards (--shard) into one, instead of evaluating")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint name under RUN/checkpoints (default: last)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--offline", action="store_true", help="only the offline metrics")
     what.add_argument("--closed-loop", action="store_true", help="only the closed-loop evaluation")
@@ -192,7 +196,6 @@ def split_env_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def main(argv: list[str]) -> int:
-    import robovla
     from robovla import config as cfg
     from robovla import rollout
     from robovla.checkpoint import run_config
@@ -206,8 +209,8 @@ def main(argv: list[str]) -> int:
                           header="cannot evaluate")
     shard = parse_shard(args.shard)
     for flag, value in (("--envs", args.envs), ("--sequences", args.sequences), ("--episodes", args.episodes),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
+                        ("--batch-size", args.batch_size), ("--batches", args.batches), ("--steps", args.steps)):
+        if value is not None and value < 1:
             raise ConfigError([f"{flag}: must be >= 1, got {value}"], header="invalid arguments")
     run = cfg.resolve(cfg.NONE, run_config(args.run, f"--run {args.run}", header="cannot evaluate"), [])
     env_name = args.env or run.train.eval_env
@@ -218,8 +221,7 @@ def main(argv: list[str]) -> int:
                           header="cannot evaluate")
     if env_fields and env_name is None:
         raise ConfigError([f"--env.{next(iter(env_fields))}: name the env with --env NAME"], header="cannot evaluate")
-    policy = robovla.Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
-                                     execution=args.execute)
+    policy = load_policy(args, "cannot evaluate")
     out = args.out or args.run / "eval" / policy.info["checkpoint"]
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.run.name} @ {policy.info['checkpoint']}"
@@ -249,6 +251,53 @@ def main(argv: list[str]) -> int:
                            "PATH or --env NAME")
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def load_policy(args: argparse.Namespace, header: str) -> Any:
+    """``Policy.from_run`` of ``--run`` with ``--checkpoint``, ``--device``, ``--precision`` and
+    ``--execute``; each flag checked before the model loads (a ConfigError naming it)."""
+    from robovla.checkpoint import CheckpointError
+    from robovla.policy import Execution, ExecutionError, Policy, checkpoint_folder
+
+    problems = []
+    if args.checkpoint is not None:
+        try:
+            checkpoint_folder(args.run, args.checkpoint, "--checkpoint")
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    try:
+        Execution.parse(args.execute)
+    except ExecutionError as exc:
+        problems.append(f"--execute {args.execute}: {exc}")
+    problems += device_problems(args.device)
+    if problems:
+        raise ConfigError(problems, header=header)
+    try:
+        return Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
+                               execution=args.execute)
+    except ExecutionError as exc:  # it does not fit the model (chunk:K past the chunk)
+        raise ConfigError([f"--execute {args.execute}: {exc}"], header=header) from None
+
+
+def device_problems(device: str) -> list[str]:
+    """What is wrong with ``--device`` on this machine (nothing: [])."""
+    import torch
+
+    fix = "use --device cpu" + (", or cuda / cuda:N on a machine with a GPU" if not torch.cuda.is_available() else
+                                f", or cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        return [f"--device {device!r}: not a torch device ({exc}); {fix}"]
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {device}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False); {fix}"]
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        return [f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); {fix}"]
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        return [f"--device {device}: the MPS backend is not available here; {fix}"]
+    if kind.type not in ("cpu", "cuda", "mps"):
+        return [f"--device {device}: a policy runs on cpu, cuda or mps, not {kind.type}; {fix}"]
+    return []
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

@@ -30,6 +30,7 @@ probability becomes exactly -1 or +1.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,10 @@ MAX_INSTRUCTION = 2000  # characters
 
 class ObservationError(RobovlaError, ValueError):
     """An observation or instruction the policy cannot read; the message says which part and why."""
+
+
+class ExecutionError(RobovlaError, ValueError):
+    """An execution (``first``, ``chunk:K``, ``ensemble:M``) that is malformed or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -73,16 +78,18 @@ class Execution:
                 return cls("chunk", steps=int(arg))
             if mode == "ensemble":
                 return cls("ensemble", decay=float(arg) if arg else 0.01)
+        except ExecutionError:
+            raise
         except ValueError:
             pass
-        raise ValueError(f"execution {text!r}: use first, chunk:K (K actions of a chunk, then re-plan), "
-                         "or ensemble / ensemble:M (temporal ensembling with decay M)")
+        raise ExecutionError(f"execution {text!r}: use first, chunk:K (K actions of a chunk, then re-plan), "
+                             "or ensemble / ensemble:M (temporal ensembling with decay M)")
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"chunk:{self.steps}: execute at least 1 action of a chunk")
+            raise ExecutionError(f"chunk:{self.steps}: execute at least 1 action of a chunk")
         if not (math.isfinite(self.decay) and self.decay >= 0):
-            raise ValueError(f"ensemble:{self.decay}: the decay must be a finite number >= 0")
+            raise ExecutionError(f"ensemble:{self.decay}: the decay must be a finite number >= 0")
 
     def __str__(self) -> str:
         return {"first": "first", "chunk": f"chunk:{self.steps}", "ensemble": f"ensemble:{self.decay:g}"}[self.mode]
@@ -98,6 +105,38 @@ class _Episode:
     plan: np.ndarray | None = None  # chunk: the chunk being executed [C, A], normalized
     planned_at: int = 0
     past: list[tuple[int, np.ndarray]] = field(default_factory=list)  # ensemble: (step, chunk [C, A])
+
+
+def checkpoint_folder(run_dir: str | Path, checkpoint: str | Path, flag: str = "checkpoint") -> Path:
+    """The checkpoint folder ``checkpoint`` names: a name under ``RUN_DIR/checkpoints`` (``last``,
+    ``step-000500``) or a path to a folder directly inside it, symlinks followed. Anything else
+    (another run's checkpoint, a ``..`` escaping the run, the run folder itself) is a
+    CheckpointError naming ``flag`` and the run's checkpoints: its weights would be filed and
+    served as this run's."""
+    from robovla import checkpoint as ckpt
+
+    root = Path(run_dir).expanduser() / ckpt.CHECKPOINTS
+    given = Path(checkpoint).expanduser()
+    folder = root / given if not given.is_absolute() and os.path.lexists(root / given) else given
+    inside, resolved = resolved_or_none(root), resolved_or_none(folder)
+    if resolved is not None and resolved.parent == inside and resolved.is_dir():
+        return resolved
+    own = [p for p in root.glob("*") if not p.name.startswith(".")] if inside is not None else []
+    names = sorted(p.name for p in own if (r := resolved_or_none(p)) is not None and r.parent == inside and r.is_dir())
+    where = ("neither a folder nor one of the run's checkpoints" if resolved is None
+             else f"{resolved} is not a checkpoint folder of this run")
+    raise ckpt.CheckpointError(
+        f"{flag} {str(checkpoint)!r}: {where}; give a checkpoint name under {root} "
+        f"({', '.join(names) if names else 'it has none'}), or a folder inside it; a checkpoint of another "
+        "run is served and evaluated with --run of the run it belongs to")
+
+
+def resolved_or_none(path: Path) -> Path | None:
+    """``path`` with every symlink followed; None if it is missing, dangling or a loop."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
 
 
 def check_observation(observation: Any, instruction: Any, cameras: tuple[str, ...], where: str = "") -> None:
@@ -148,7 +187,7 @@ class Policy:
         self.vla, self.action_space = vla, action_space
         self.execution = Execution.parse(execution)
         if self.execution.mode == "chunk" and self.execution.steps > vla.head.dims.C:
-            raise ValueError(f"chunk:{self.execution.steps}: a chunk holds only C={vla.head.dims.C} actions")
+            raise ExecutionError(f"chunk:{self.execution.steps}: a chunk holds only C={vla.head.dims.C} actions")
         if precision not in ("32-true", "bf16-mixed"):
             raise ValueError(f"precision {precision!r}: use 32-true or bf16-mixed")
         self.precision = precision
@@ -168,8 +207,8 @@ class Policy:
                  precision: Literal["32-true", "bf16-mixed"] = "32-true",
                  execution: str | Execution = "first") -> Policy:
         """Rebuild a run's model from its config.toml and a checkpoint (default: ``last``),
-        with its fitted action space; no training code runs. ``checkpoint`` is a folder or a
-        name under ``RUN_DIR/checkpoints`` (e.g. ``step-000500``)."""
+        with its fitted action space; no training code runs. ``checkpoint`` is a name under
+        ``RUN_DIR/checkpoints`` (e.g. ``step-000500``) or a folder inside it (:func:`checkpoint_folder`)."""
         from robovla import checkpoint as ckpt
         from robovla import config as cfg
         from robovla.data import saved_action_space
@@ -178,16 +217,7 @@ class Policy:
 
         run_dir = Path(run_dir).expanduser()
         config_file = ckpt.run_config(run_dir, str(run_dir), stats=True)
-        if checkpoint is None:
-            folder = ckpt.last(run_dir)
-        else:
-            folder = Path(checkpoint).expanduser()
-            if not folder.is_dir():
-                folder = run_dir / ckpt.CHECKPOINTS / str(checkpoint)
-            if not folder.is_dir():
-                names = sorted(p.name for p in (run_dir / ckpt.CHECKPOINTS).glob("step-*"))
-                raise ckpt.CheckpointError(f"checkpoint {checkpoint!r}: neither a folder nor one of {run_dir}'s "
-                                           f"checkpoints {names}")
+        folder = ckpt.last(run_dir) if checkpoint is None else checkpoint_folder(run_dir, checkpoint)
         run = cfg.resolve(cfg.NONE, config_file, [])
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
             vla = build(run, init=False)  # the checkpoint holds every weight

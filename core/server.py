@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import queue
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,6 +60,7 @@ import numpy as np
 
 from robovla.env import Observation
 from robovla.errors import RobovlaError
+from robovla.evaluation import CHECKPOINT_HELP, load_policy
 from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
 from robovla.server_http import (ENDPOINTS, TOKEN_ENV, HTTPServer, RequestError, fit_descriptors, seed_from,
                                  token_from)
@@ -353,11 +356,25 @@ class PolicyServer:
 # ------------------------------------------------------------------------- command line
 
 
+def bind_error(host: str, port: int, exc: OSError) -> str:
+    """Why ``--host HOST --port PORT`` cannot be listened on, naming the flag at fault."""
+    why = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return (f"--host {host}: cannot resolve it to an address ({why}); give an address or name of this "
+                "machine (127.0.0.1: this machine only, 0.0.0.0: every interface)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host}: not an address of this machine, so it cannot be bound ({why}); give one of its "
+                "addresses (127.0.0.1: this machine only, 0.0.0.0: every interface)")
+    if exc.errno == errno.EACCES:
+        return f"--port {port}: not allowed here ({why}); ports below 1024 need privileges: choose one above 1023"
+    return f"--host {host} --port {port}: cannot listen there ({why}); choose another --port (0 picks a free one)"
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="robo-run serve", description="Serve a trained run's policy over HTTP: one "
                                 "policy state per client session, numpy payloads (see robovla.client).")
-    p.add_argument("--run", required=True, help="the run folder (runs/<name>)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint name under RUN/checkpoints (default: last)")
+    p.add_argument("--run", required=True, type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--execute", default="first", help="action-chunk execution: first (default), chunk:K, ensemble[:M]")
@@ -387,15 +404,13 @@ def main(argv: list[str]) -> int:
             p.error(f"--{flag.replace('_', '-')} must be a finite number of seconds (> 0), got {value}")
     token = token_from(args.token)
     fit_descriptors(args.max_connections)  # before the model loads: a refusal costs nothing
-    policy = Policy.from_run(args.run, args.checkpoint, device=args.device, precision=args.precision,
-                             execution=args.execute)
+    policy = load_policy(args, "cannot serve")
     try:
         server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,
                               session_timeout=args.session_timeout, max_connections=args.max_connections,
                               read_timeout=args.read_timeout, token=token)
-    except OSError as exc:  # the address is taken, not this machine's, or not allowed
-        raise RobovlaError(f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror or exc}); "
-                           "choose another --port (0 picks a free one) or --host") from None
+    except OSError as exc:
+        raise RobovlaError(bind_error(args.host, args.port, exc)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"robo-run serve: listening on {args.host}: " + (
             "requests need the token; HTTP is not encrypted, so beyond a trusted network put TLS in front"
