@@ -11,12 +11,11 @@
       checkpoints/last          symlink to the newest complete checkpoint
 
 With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
-(``sharded/``, every process writes its shard) beside the same state.json.
-
-A checkpoint is written into a hidden temporary folder, flushed to disk, and renamed into
-place; only then does ``last`` move (by renaming a new symlink over it). A process killed
-at any moment leaves ``last`` at a complete checkpoint; unfinished folders are removed the
-next time the run starts. Reading one checks state.json and every file's sha256 (older
+(``sharded/``, every process writes its shard) beside the same state.json. A checkpoint is
+written into a hidden temporary folder, flushed to disk, and renamed into place; only then
+does ``last`` move (by renaming a new symlink over it). A process killed at any moment
+leaves ``last`` at a complete checkpoint; unfinished folders are removed the next time the
+run starts. Reading one checks state.json and every file's sha256 (older
 checkpoints are read unverified); a file that cannot be read is a :class:`DamagedError`.
 """
 
@@ -279,7 +278,8 @@ def last(run_dir: Path) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     link = root / LAST
     names = sorted(p.name for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
-    fix = f"fix: point it at a checkpoint: ln -sfn {names[-1]} {link}" if names else "and no step-N folder is there"
+    relink = f"rm -r {link} && ln -s" if link.is_dir() and not link.is_symlink() else "ln -sfn"  # a copied folder
+    fix = f"fix: point it at a checkpoint: {relink} {names[-1]} {link}" if names else "and no step-N folder is there"
     if not link.exists() and not link.is_symlink():
         raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
                               "or this is not a run folder" + (f"; {fix}" if names else ""))

@@ -10,11 +10,16 @@ generators changes, so a damaged file is an error naming it, never a half-restor
 from __future__ import annotations
 
 import base64
+import fcntl
+import fnmatch
 import json
+import os
 import random
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +30,8 @@ from robovla.errors import RobovlaError
 
 # what --overwrite removes from a run folder: robovla's own files (anything else stays)
 OWN = (CHECKPOINTS, CONFIG, STATS, "metrics.csv", "tensorboard", "wandb", "loss.png", "eval.json", "eval")
+OWN_INSIDE = {CHECKPOINTS: ("step-*", ".tmp-*", "last"), "eval": ("step-*",)}  # folders a user may add to
+ASIDE = ".overwritten"  # an overwritten run's files, until the new run has started
 # fields a resumed run may change freely: where and how often it logs, saves and evaluates,
 # its time budget, and worker counts (the data order follows the seed and the epoch only)
 BOOKKEEPING = {f"train.{k}" for k in ("run_name", "output_dir", "num_workers", "threads", "log_every",
@@ -42,8 +49,9 @@ class DriftError(RobovlaError, ValueError):
 
 def claim(run_dir: Path, overwrite: bool = False) -> list[Path]:
     """Make ``run_dir`` ready for a new run: one that holds anything is refused unless
-    ``overwrite``, which removes robovla's own files from it (:data:`OWN`: checkpoints, logs,
-    plots, eval results, config) and keeps any other; returns what it removed."""
+    ``overwrite``, which moves robovla's own files (:func:`own_entries`) aside into
+    :data:`ASIDE` and keeps any other; :func:`finish_overwrite` deletes them once the new run
+    has started, :func:`undo_overwrite` puts them back if it fails first. Returns what moved."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"{run_dir}: exists and is not a folder; choose another --train.run_name")
@@ -58,16 +66,107 @@ def claim(run_dir: Path, overwrite: bool = False) -> list[Path]:
         raise RunFolderError(f"{run_dir} already holds a run ({shown}); continue it with `robo-run --resume "
                              f"{run_dir}`, start it over with --overwrite (deletes its checkpoints, logs, plots, "
                              "eval results and config), or choose another --train.run_name")
-    removed = []
-    for path in (run_dir / name for name in OWN):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+    aside = run_dir / ASIDE
+    if aside.exists():  # an earlier --overwrite killed before its run started: those files were to go anyway
+        shutil.rmtree(aside)
+    moved = own_entries(run_dir)
+    for path in moved:
+        target = aside / path.relative_to(run_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+    return moved
+
+
+def own_entries(folder: Path) -> list[Path]:
+    """robovla's files in a run folder (:data:`OWN`; inside checkpoints/ and eval/ only what
+    robovla names there, :data:`OWN_INSIDE`), in :data:`OWN`'s order."""
+    found = []
+    for name in OWN:
+        path = Path(folder) / name
+        if name in OWN_INSIDE and path.is_dir() and not path.is_symlink():
+            found += sorted(p for p in path.iterdir() if any(fnmatch.fnmatch(p.name, w) for w in OWN_INSIDE[name]))
         elif path.exists() or path.is_symlink():
-            path.unlink()
-        else:
-            continue
-        removed.append(path)
-    return removed
+            found.append(path)
+    return found
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def finish_overwrite(run_dir: Path) -> str | None:
+    """The new run has started: delete what :func:`claim` moved aside; returns a note."""
+    aside = Path(run_dir) / ASIDE
+    if not aside.is_dir():
+        return None
+    names = list(dict.fromkeys(p.relative_to(aside).parts[0] for p in own_entries(aside)))
+    shutil.rmtree(aside)
+    return f"--overwrite: removed {', '.join(names)} from {run_dir}"
+
+
+def undo_overwrite(run_dir: Path) -> str | None:
+    """The new run failed before it started: remove what it wrote and put the earlier run's
+    files back where they were; returns a note (None when nothing was moved aside)."""
+    aside = Path(run_dir) / ASIDE
+    if not aside.is_dir():
+        return None
+    for path in own_entries(run_dir):
+        _remove(path)
+    for path in own_entries(aside):
+        target = Path(run_dir) / path.relative_to(aside)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+    shutil.rmtree(aside)
+    return f"--overwrite: the new run failed before it started; the earlier run in {run_dir} is as it was"
+
+
+def started_rank() -> int:
+    """This process's rank when an outside launcher (torchrun, SLURM's srun) started every
+    process of the run; 0 otherwise."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else None)
+    return int(rank) if rank and rank.isdigit() else 0
+
+
+@contextmanager
+def holding(run_dir: Path, first: bool, overwrite: bool) -> Iterator[None]:
+    """A run's hold on its folder, in the ``first`` process only: :func:`locked`, and on a
+    failure before the new run started, an overwritten run's files put back."""
+    if not first:
+        yield
+        return
+    with locked(run_dir):
+        try:
+            yield
+        except BaseException:
+            note = undo_overwrite(run_dir) if overwrite else None
+            if note:
+                print(note, file=sys.stderr)
+            raise
+
+
+@contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir`` for one robo-run at a time (an exclusive flock on the folder itself:
+    no lock file, released when the process ends however it ends). A folder created here and
+    left empty is removed again."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(f"{run_dir}: another robo-run is using this run folder (training or resuming it) "
+                                 "right now; wait for it to end or stop it, or choose another --train.run_name") \
+                from None
+        try:
+            yield
+        finally:
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

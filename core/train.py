@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from robovla import checkpoint
+from robovla import checkpoint, runs
 from robovla.config import RunConfig
 from robovla.errors import ConfigError
 from robovla.logs import Logs, plot
@@ -149,17 +149,20 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     previous = os.environ.get(RUN_DIR_ENV)  # set: a process the launcher started, the folder checked already
     fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
                     precision=f.precision)
-    if previous is None:
-        for note in checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite, accept_changes):
-            print(note)
-    os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
-    try:
-        result = fabric.launch(_main, run, config_text, run_dir, resume is not None, progress)
-    finally:
-        if previous is None:
-            os.environ.pop(RUN_DIR_ENV, None)
-        else:
-            os.environ[RUN_DIR_ENV] = previous
+    first = previous is None and runs.started_rank() == 0  # the one process that checks and holds the folder
+    with runs.holding(run_dir, first, overwrite):
+        if first:
+            for note in checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
+                                       accept_changes):
+                print(note)
+        os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
+        try:
+            result = fabric.launch(_main, run, config_text, run_dir, resume is not None, progress)
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = previous
     run_dir = Path(result) if result else run_dir
     if run.train.eval_env and fabric.is_global_zero:  # the strategy is done: read back what it saved
         evaluate_run(run, run_dir, device="cuda" if fabric.device.type == "cuda" else "cpu")
@@ -170,19 +173,17 @@ def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: in
                    accept_changes: bool) -> list[str]:
     """Before any process starts: a resumed run's checkpoint is whole and saved with this config
     (:func:`robovla.runs.check_resume`); a new run's folder holds no earlier run (``overwrite``
-    removes it) and its ``--train.init`` checkpoint is whole. Returns notes to print."""
-    from robovla import runs
-
+    moves it aside) and its ``--train.init`` checkpoint is whole. Returns notes to print."""
     if resuming:
         return runs.check_resume(run, run_dir, world_size, accept_changes)
     init = run.train.init and Path(run.train.init).expanduser().resolve()
     if overwrite and init and init.is_relative_to(Path(run_dir).resolve()):
         raise runs.RunFolderError(f"--train.init {run.train.init} is inside {run_dir}, which --overwrite would delete")
-    removed = runs.claim(run_dir, overwrite)
     if init:
         folder = checkpoint.checkpoint_folder(init)
         checkpoint.verify(folder, checkpoint.read_state(folder), weights_only=True)
-    return [f"--overwrite: removed {', '.join(p.name for p in removed)} from {run_dir}"] if removed else []
+    runs.claim(run_dir, overwrite)  # deleted once the new run has started (setup), restored if it fails first
+    return []
 
 
 def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool, progress: bool) -> str:
@@ -224,6 +225,10 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     if fabric.is_global_zero:
         fabric.print("\n".join(robovla.finetune.summary(vla)))
     loader, val_loader = loaders(fabric, run, vla, run_dir, resuming)
+    if fabric.is_global_zero and not resuming:  # model and data are ready: an overwritten run's files can go
+        note = runs.finish_overwrite(run_dir)
+        if note:
+            fabric.print(note)
     optimizer = torch.optim.AdamW(parameter_groups(vla, t.weight_decay), lr=t.lr)
     steps_per_epoch = len(loader) // t.grad_accum
     sharded = f"{run.fabric.strategy}".startswith(("fsdp", "deepspeed"))

@@ -17,6 +17,7 @@ import torch
 
 import robovla
 from robovla import checkpoint
+from robovla import runs as runs_module
 from robovla.cli import main
 
 from helpers import TINY_CNN_LSTM, TINY_TRAINING, synth_split
@@ -334,8 +335,10 @@ def test_a_flipped_byte_is_named_corrupted_with_the_earlier_checkpoint(runs, tmp
 def test_a_reused_run_name_is_refused_and_overwrite_removes_only_robovlas_files(runs, tmp_path, capsys):
     copy = tmp_path / "full"
     shutil.copytree(runs["full"], copy, symlinks=True)
-    (copy / "eval").mkdir()
-    (copy / "eval" / "report.json").write_text("{}")
+    (copy / "eval" / "step-000004").mkdir(parents=True)
+    (copy / "eval" / "step-000004" / "offline.json").write_text("{}")  # robovla's report
+    (copy / "eval" / "for-the-paper.md").write_text("mine")  # the user's, in robovla's folders
+    (copy / "checkpoints" / "keep-best").mkdir()
     (copy / "notes.txt").write_text("mine")
     before = fingerprint(copy)
     argv = tiny_argv(runs["synth"], tmp_path, "full")
@@ -349,8 +352,10 @@ def test_a_reused_run_name_is_refused_and_overwrite_removes_only_robovlas_files(
     out = capsys.readouterr().out
     assert f"--overwrite: removed checkpoints, config.toml, action_stats.json, metrics.csv, loss.png, eval from " \
            f"{copy}" in out
-    assert (copy / "notes.txt").read_text() == "mine" and not (copy / "eval").exists()
-    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["last", "step-000002"]
+    assert (copy / "notes.txt").read_text() == "mine" and (copy / "eval" / "for-the-paper.md").read_text() == "mine"
+    assert sorted(p.name for p in (copy / "eval").iterdir()) == ["for-the-paper.md"]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["keep-best", "last", "step-000002"]
+    assert not (copy / runs_module.ASIDE).exists()
     rows = (copy / "metrics.csv").read_text().splitlines()[1:]
     assert {int(r.split(",")[0]) for r in rows} == {2}  # the new run's rows only (step 4's are gone)
     capsys.readouterr()
@@ -478,3 +483,45 @@ def test_a_config_edited_after_training_is_refused_where_it_changes_the_policy(r
     assert "\nlr = 0.01\n" in text
     (copy / "config.toml").write_text(text.replace("\nlr = 0.01\n", "\nlr = 0.02\n"))
     assert Policy.from_run(copy).info["step"] == 4
+
+
+def test_overwrite_puts_the_earlier_run_back_when_the_new_one_fails_before_it_starts(runs, tmp_path, capsys):
+    """--overwrite with a flag only the model can refuse: the earlier run's files are moved
+    aside, not deleted, until the new run has started, so the failure leaves them as they were."""
+    copy = tmp_path / "full"
+    shutil.copytree(runs["full"], copy, symlinks=True)
+    before = fingerprint(copy)
+    argv = tiny_argv(runs["synth"], tmp_path, "full", "--overwrite", "--train.freeze_decoder_layers", "1000")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--train.freeze_decoder_layers 1000: the backbone's decoder has 1 layers" in err
+    assert f"--overwrite: the new run failed before it started; the earlier run in {copy} is as it was" in err
+    assert fingerprint(copy) == before
+
+
+def test_a_run_folder_in_use_is_refused_to_a_second_robo_run(runs, tmp_path, capsys):
+    """While one process holds a run folder (as a training run does), a second new run with
+    --overwrite and a --resume are refused, and neither changes a file."""
+    copy = tmp_path / "full"
+    shutil.copytree(runs["full"], copy, symlinks=True)
+    before = fingerprint(copy)
+    capsys.readouterr()
+    with runs_module.locked(copy):
+        assert main(tiny_argv(runs["synth"], tmp_path, "full", "--overwrite")) == 1
+        assert f"{copy}: another robo-run is using this run folder" in capsys.readouterr().err
+        assert main(["--resume", str(copy)]) == 1
+        assert f"{copy}: another robo-run is using this run folder" in capsys.readouterr().err
+    assert fingerprint(copy) == before
+    with runs_module.locked(copy):  # released by the refused commands and by the test's own holder
+        pass
+
+
+def test_a_last_copied_as_a_folder_gets_a_fix_that_works(runs, tmp_path):
+    copy = tmp_path / "full"
+    shutil.copytree(runs["full"], copy, symlinks=False)  # as cp -rL, rsync -L or a zip leave it
+    last = copy / "checkpoints" / "last"
+    assert last.is_dir() and not last.is_symlink()
+    with pytest.raises(checkpoint.DamagedError) as caught:
+        checkpoint.last(copy)
+    assert f"fix: point it at a checkpoint: rm -r {last} && ln -s step-000004 {last}" in str(caught.value)
