@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import tomllib
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,11 +64,10 @@ def run_config(run_dir: str | Path, what: str, header: str = "not a run folder",
     if missing:
         raise NotARunError([f"{what}: no {' or '.join(missing)} there; give a run folder written by robo-run "
                             "(runs/<name>)"], header=header)
-    try:
-        saved = tomllib.loads((run_dir / CONFIG).read_text())
-    except (OSError, ValueError):  # unreadable: reading it as a config names the problem
-        saved = None
-    if saved is not None and not all(isinstance(saved.get(s), dict) and "name" in saved[s] for s in SECTIONS):
+    from robovla.registry_file import read_toml
+
+    saved = read_toml(run_dir / CONFIG)  # a damaged file: an error naming it (bounded, regular files only)
+    if not all(isinstance(saved.get(s), dict) and "name" in saved[s] for s in SECTIONS):
         raise NotARunError([f"{run_dir / CONFIG}: not the config.toml robo-run saved (it names no backbone, head, "
                             "dataset and action space); restore it from a copy of the run"], header=header)
     return run_dir / CONFIG

@@ -149,6 +149,9 @@ def fabric_problems(f: FabricConfig) -> list[str]:
                      "or use --fabric.strategy fsdp or ddp")
     if f.strategy == "fsdp" and on_cpu:
         found.append("--fabric.strategy fsdp: FSDP runs on GPUs only; use --fabric.strategy ddp (or auto) on the CPU")
+    if f.precision == "16-mixed" and on_cpu:
+        found.append("--fabric.precision 16-mixed: float16 mixed precision runs on GPUs only; use bf16-mixed or "
+                     "32-true on the CPU")
     if f.num_nodes > 1 and not any(v in os.environ for v in CLUSTER_VARIABLES):
         found.append(f"--fabric.num_nodes {f.num_nodes}: none of {', '.join(CLUSTER_VARIABLES)} is set, so this "
                      "process cannot find the other machines and would wait for them; start it on every machine "

@@ -182,6 +182,7 @@ RUNS = [
     (["--train.eval_env", "gym"], "--train.eval_env gym: unknown env 'gym'"),
     (["--train.run_name", "{afile_name}", "--train.output_dir", "{tmp}"], "--train.run_name afile: "),
     (["--fabric.strategy", "fsdp"], "--fabric.strategy fsdp: FSDP runs on GPUs only"),
+    (["--fabric.precision", "16-mixed"], "--fabric.precision 16-mixed: float16 mixed precision runs on GPUs only"),
     (["--fabric.strategy", "deepspeed"], "--fabric.strategy deepspeed: the deepspeed package is not installed"),
     (["--fabric.num_nodes", "2"], "--fabric.num_nodes 2: none of MASTER_ADDR, NODE_RANK"),
     (["--train.wandb_project", "demo"], "--train.wandb_project demo: the wandb package is not installed"),

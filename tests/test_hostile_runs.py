@@ -525,3 +525,13 @@ def test_a_last_copied_as_a_folder_gets_a_fix_that_works(runs, tmp_path):
     with pytest.raises(checkpoint.DamagedError) as caught:
         checkpoint.last(copy)
     assert f"fix: point it at a checkpoint: rm -r {last} && ln -s step-000004 {last}" in str(caught.value)
+
+
+def test_a_damaged_config_toml_is_named_as_the_runs_file_not_as_a_flag(runs, tmp_path):
+    from robovla.errors import ConfigError
+    from robovla.policy import Policy
+
+    copy = damaged_copy(runs, tmp_path, "full", "config.toml", lambda p: p.write_text("[backbone\nname = 1"))
+    with pytest.raises(ConfigError) as caught:
+        Policy.from_run(copy)
+    assert f"  {copy / 'config.toml'}: not valid TOML" in str(caught.value) and "--config" not in str(caught.value)
