@@ -12,12 +12,14 @@ no read blocks or balloons, and every problem names its file.
 """
 
 import builtins
+import codecs
 import collections
 import io
 import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import tracemalloc
 import zipfile
@@ -27,7 +29,7 @@ import pytest
 
 import robovla
 from robovla.cli import main
-from robovla.safe_read import RestrictedUnpickler, load_npy
+from robovla.safe_read import RefusedPickleError, RestrictedUnpickler, load_npy
 from robovla.windows import WindowDataset
 from robovla_plugins.datasets.calvin.dataset import CalvinDataError
 from robovla_plugins.datasets.calvin.sim import CalvinSimError
@@ -290,7 +292,7 @@ def save_nested(file, tree, depth=10 ** 5):
 
 @pytest.mark.parametrize("text, shown", [(b"\xff\xfeopen", "bytes that are not UTF-8 text b'\\xff\\xfeopen'"),
                                          (b"open", "bytes b'open'"), ("op\udcffen", "a str that is not valid Unicode"),
-                                         (7, "of type int (7)"), (NESTED, "of type list ([[[[[[[...]]]]]]])")])
+                                         (7, "of type int (7)"), (NESTED, "of type list ([[[[...]]]])")])
 def test_annotations_that_are_not_text_are_a_problem_of_the_file(split, capsys, text, shown):
     ann = load_npy(split / ANN, allow_pickle=True).item()
     ann["language"]["ann"][0] = text
@@ -475,3 +477,96 @@ def test_out_of_range_data_flags_are_usage_errors_naming_the_flag(split, tmp_pat
     err = capsys.readouterr().err
     assert message in err and "pass one in that range" in err and "Traceback" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ small pickles that expand
+
+BOMB_CHECK = """
+import json, os, resource, sys
+from robovla.cli import main
+def vm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+limit = vm() + 2 ** 31  # a regression fails with MemoryError here instead of filling the machine
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+code = main(["data", "check", sys.argv[1], "--json"])
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+print(json.dumps({"code": code, "grown_mb": grown / 1024}))
+"""
+
+
+def check_in_bounded_process(split):
+    """`data check --json` in a fresh process: its report and its peak memory growth in MB."""
+    done = subprocess.run([sys.executable, "-c", BOMB_CHECK, str(split)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    decoder = json.JSONDecoder()
+    report, end = decoder.raw_decode(done.stdout)
+    return report, json.loads(done.stdout[end:])
+
+
+def test_one_string_referred_to_a_hundred_thousand_times_is_refused_in_small_memory(split):
+    n, text = 10 ** 5, "x" * MB  # 100 GB of text once joined; the file is about 1.3 MB
+    np.save(split / ANN, {"language": {"ann": [text] * n, "task": ["open_drawer"] * n},
+                          "info": {"indx": [(FIRST + 1, FIRST + 10)] * n}}, allow_pickle=True)
+    assert (split / ANN).stat().st_size < 2 * MB
+    report, run = check_in_bounded_process(split)
+    assert run["code"] == 1 and run["grown_mb"] < 100, run
+    assert [p["file"] for p in report["problems"]] == [str(split / ANN)]
+    message = report["problems"][0]["message"]
+    assert "refused to unpickle: the pickle refers to more than" in message and "characters of strings" in message
+
+
+def test_lists_nested_and_referred_to_many_times_are_refused_in_small_memory(split):
+    bomb = [FIRST + 1, FIRST + 10]
+    for _ in range(10):  # 8 ** 10 pairs once numpy builds them all: 16 GB
+        bomb = [bomb] * 8
+    ann = load_npy(split / ANN, allow_pickle=True).item()
+    ann["info"]["indx"] = bomb
+    np.save(split / ANN, ann, allow_pickle=True)
+    assert (split / ANN).stat().st_size < 10_000
+    report, run = check_in_bounded_process(split)
+    assert run["code"] == 1 and run["grown_mb"] < 100, run
+    assert [p["file"] for p in report["problems"]] == [str(split / ANN)]
+    message = report["problems"][0]["message"]
+    assert "info.indx: not (start, end) integer pairs (entry 0 is of type list ([[[[...], [...], [...], ...], " \
+        "[[...], [...], [...], ...]," in message and len(message) < 600  # shown in a line, not expanded
+
+
+def test_a_long_annotation_is_a_problem_named_by_its_index(split, capsys):
+    ann = load_npy(split / ANN, allow_pickle=True).item()
+    ann["language"]["ann"][0] = "y" * 5000
+    np.save(split / ANN, ann, allow_pickle=True)
+    code, report = check_json(split, capsys)
+    assert code == 1 and "1 entry of language.ann longer than 4096 characters: language.ann[0] has 5000" in \
+        report["problems"][0]["message"]
+
+
+class Reduce:
+    """Pickles as ``call(*args)`` (then ``state``): how a file asks the unpickler to call something."""
+
+    def __init__(self, call, args, state=None):
+        self.call, self.args, self.state = call, args, state
+
+    def __reduce__(self):
+        return (self.call, self.args) if self.state is None else (self.call, self.args, self.state)
+
+
+_reconstruct = np.empty(0).__reduce__()[0]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (Reduce(np.ndarray, ((10 ** 9,), "O")), "calls numpy.ndarray directly"),
+    (Reduce(_reconstruct, (np.ndarray, (10 ** 9,), b"O")), "8000000000 bytes, which np.save never writes"),
+    (Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10 ** 9,), np.dtype("O"), False, [None])),
+     "an array of shape (1000000000,) object (8000000000 bytes) comes with 1 items of data"),
+    (Reduce(codecs.encode, (Reduce(codecs.encode, ("ab", "hex")), "hex")), "encodes str with 'hex'"),
+])
+def test_numpy_and_codecs_calls_that_would_allocate_are_refused_before(tmp_path, payload, message):
+    file = tmp_path / "bomb.npy"
+    with open(file, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+        pickle.dump(payload, f, protocol=2)
+    (_, peak) = peak_mb(lambda: pytest.raises(RefusedPickleError, load_npy, file, allow_pickle=True))
+    with pytest.raises(RefusedPickleError, match="refused to unpickle") as err:
+        load_npy(file, allow_pickle=True)
+    assert message in str(err.value) and str(file) in str(err.value) and peak < 20, peak

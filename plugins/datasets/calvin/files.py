@@ -30,6 +30,9 @@ ANNOTATIONS_FORMAT = ("a pickled dict with language.ann, language.task (lists of
                       "(start, end))")
 SCENES_FORMAT = "a pickled dict {scene name: [first id, last id]}"
 FRAME_NAME = re.compile(r"episode_(\d+)\.npz")
+TEXT_LIMIT = 4096  # characters of one instruction or task name (CALVIN's are a few dozen)
+_REPR = reprlib.Repr()  # how a value that is not what it should be is shown: a few levels, a few items
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxother = 3, 3, 3, 3, 40
 
 
 class CalvinDataError(robovla.RobovlaError, ValueError):
@@ -105,7 +108,8 @@ def _show(value: Any) -> str:
             return f"bytes that are not UTF-8 text {value[:24]!r}"
     if isinstance(value, str):
         return f"a str that is not valid Unicode {value[:24].encode('utf-8', 'backslashreplace')!r}"
-    return f"of type {type(value).__name__} ({reprlib.repr(value)})"  # reprlib: bounded depth and length
+    shown = _REPR.repr(value)  # bounded depth and items per level
+    return f"of type {type(value).__name__} ({shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 
 def _utf8(text: str) -> bool:
@@ -128,8 +132,13 @@ def texts_at(tree: Any, path: tuple[str, ...], problems: list[str]) -> list[str]
         return []
     seq = list(seq)
     bad = [i for i, t in enumerate(seq) if not isinstance(t, str)]
-    if not bad and not _utf8("".join(seq)):  # lone surrogates: no tokenizer can read them
-        bad = [i for i, t in enumerate(seq) if not _utf8(t)]
+    long = [i for i, t in enumerate(seq) if isinstance(t, str) and len(t) > TEXT_LIMIT]
+    if long and not bad:  # each text checked by itself: a file may refer to one long string many times
+        problems.append(f"{len(long)} entr{'ies' if len(long) > 1 else 'y'} of {name} longer than {TEXT_LIMIT} "
+                        f"characters: {name}[{long[0]}] has {len(seq[long[0]])}")
+        return []
+    if not bad:  # lone surrogates: no tokenizer can read them
+        bad = [i for i, t in enumerate(seq) if not (t.isascii() or _utf8(t))]
     if bad:
         shown = ", ".join(f"{name}[{i}] is {_show(seq[i])}" for i in bad[:3])
         problems.append(f"{len(bad)} entr{'ies' if len(bad) > 1 else 'y'} of {name} not text: {shown}"
@@ -148,10 +157,16 @@ def pairs_at(tree: Any, path: tuple[str, ...], problems: list[str]) -> np.ndarra
 
 
 def as_pairs(seq: Any, name: str, problems: list[str], rows: int | None) -> np.ndarray:
-    """``seq`` as int64 [n, 2] (``rows`` of them when given), or a problem and an empty array."""
+    """``seq`` as int64 [n, 2] (``rows`` of them when given), or a problem and an empty array.
+    Each entry is checked to be a pair of integers before numpy sees the whole: lists nested
+    in lists that a small pickle refers to many times over would make numpy build every copy."""
+    bad = _not_a_pair(seq)
+    if bad is not None:
+        problems.append(f"{name}: not (start, end) integer pairs ({bad})")
+        return np.empty((0, 2), np.int64)
     try:
         pairs = np.asarray(seq)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # ragged, nested, or not numbers at all
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:  # e.g. ints past int64
         problems.append(f"{name}: not (start, end) integer pairs ({type(exc).__name__}: {exc})")
         return np.empty((0, 2), np.int64)
     if pairs.size == 0 and rows is None:
@@ -163,3 +178,19 @@ def as_pairs(seq: Any, name: str, problems: list[str], rows: int | None) -> np.n
                         f"{pairs.shape}")
         return np.empty((0, 2), np.int64)
     return pairs.astype(np.int64)
+
+
+def _not_a_pair(seq: Any) -> str | None:
+    """What makes ``seq`` not a sequence of (start, end) integer pairs, found entry by entry;
+    None when each entry is a pair of integers (or ``seq`` a numeric array: numpy's own)."""
+    if isinstance(seq, np.ndarray) and not seq.dtype.hasobject:
+        return None
+    if not isinstance(seq, (list, tuple, np.ndarray)):
+        return f"a {type(seq).__name__} ({_show(seq)})"
+    for i, pair in enumerate(seq):
+        if isinstance(pair, np.ndarray) and pair.shape == (2,):
+            pair = pair.tolist()
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or \
+                not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
+            return f"entry {i} is {_show(pair)}"
+    return None
