@@ -220,7 +220,7 @@ class _Bounded:
         return data
 
     def readline(self) -> bytes:
-        line = self.stream.readline(min(self.left, 1 << 16))
+        line = self.stream.readline(self.left)  # protocol 0 writes a whole string on one line
         self.left -= len(line)
         return line
 

@@ -570,3 +570,19 @@ def test_numpy_and_codecs_calls_that_would_allocate_are_refused_before(tmp_path,
     with pytest.raises(RefusedPickleError, match="refused to unpickle") as err:
         load_npy(file, allow_pickle=True)
     assert message in str(err.value) and str(file) in str(err.value) and peak < 20, peak
+
+
+def test_legitimate_pickles_that_reuse_strings_or_hold_long_lines_still_load(tmp_path):
+    n = 20_000  # CALVIN-sized: each task name referred to thousands of times, one long line under protocol 0
+    stored = {"language": {"ann": [f"instruction {i % 389}" for i in range(n)], "task": ["open_drawer"] * n,
+                           "emb": np.arange(n * 8, dtype=np.float32).reshape(n, 1, 8)},
+              "info": {"indx": [(10 * i, 10 * i + 9) for i in range(n)]}}
+    for protocol in (0, 2, 3, 4, 5):
+        file = tmp_path / f"p{protocol}.npy"
+        with open(file, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": ()})
+            pickle.dump(np.array(stored, dtype=object), f, protocol=protocol)
+        back = load_npy(file, allow_pickle=True).item()
+        assert back["language"]["ann"] == stored["language"]["ann"] and back["info"] == stored["info"], protocol
+        assert type(back["language"]["emb"]) is np.ndarray  # a plain array, as np.load gives
+        np.testing.assert_array_equal(back["language"]["emb"], stored["language"]["emb"])
