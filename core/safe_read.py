@@ -253,7 +253,7 @@ def scan_pickle(stream: _Bounded, size: int) -> None:
         text += last
         if text > text_limit or objects > object_limit:
             what = f"{text} characters of strings" if text > text_limit else f"{objects} objects"
-            raise UnsafePickleError(f"the pickle refers to more than {what} (counting each reference again), past "
+            raise UnsafePickleError(f"the pickle refers to at least {what} (counting each reference again), past "
                                     f"the {text_limit} characters and {object_limit} objects a {size}-byte pickle "
                                     "of data may hold")
 
