@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,40 +34,28 @@ MAX_TOML_BYTES = 1 << 20
 """The largest TOML file read (1 MiB): configs and presets are a few kilobytes."""
 
 
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-    return next((text for test, text in kinds if test(mode)), "not a regular file")
-
-
 def read_toml(file: Path, what: str = "") -> dict[str, Any]:
     """Parse a TOML file, with errors that name the file (and ``what`` gave it, e.g. ``--config``)
     and the line. Only a regular file of at most :data:`MAX_TOML_BYTES` is read: a device
     (/dev/zero), a named pipe or a huge file is refused before reading it."""
+    from robovla.safe_read import UnsafeFileError, open_regular
+
     where = f"{what} {file}" if what else str(file)
 
     def fail(problem: str) -> ConfigError:
         return ConfigError([f"{where}: {problem}"], header="cannot read configuration")
 
-    try:  # non-blocking, so that opening a named pipe cannot wait for a writer
-        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise fail("no such file") from None
-    except OSError as exc:
-        raise fail(f"cannot be opened: {exc.strerror or exc}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise fail(f"is {_kind(info.st_mode)}; give a TOML file (e.g. a run's config.toml)")
-        if info.st_size > MAX_TOML_BYTES:
-            raise fail(f"is {info.st_size} bytes; a config file is at most {MAX_TOML_BYTES} bytes (1 MiB)")
-        data = b""
-        while len(data) <= MAX_TOML_BYTES and (part := os.read(fd, MAX_TOML_BYTES + 1 - len(data))):
-            data += part
+        with open_regular(file) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_TOML_BYTES:
+                raise fail(f"is {size} bytes; a config file is at most {MAX_TOML_BYTES} bytes (1 MiB)")
+            data = f.read(MAX_TOML_BYTES + 1)
+    except UnsafeFileError as exc:
+        problem = "no such file" if exc.missing else f"cannot be opened: {exc.detail}"
+        raise fail(f"is {exc.kind}; give a TOML file (e.g. a run's config.toml)" if exc.kind else problem) from None
     except OSError as exc:
         raise fail(f"cannot be read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
     if len(data) > MAX_TOML_BYTES:
         raise fail(f"grew past {MAX_TOML_BYTES} bytes while being read; a config file is at most 1 MiB")
     try:

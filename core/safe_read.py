@@ -43,11 +43,11 @@ HEADER_LIMIT = 10_000  # bytes of npy header read at most (numpy's own default)
 class UnsafeFileError(RobovlaError, ValueError):
     """A file is not what a data file may be; the message names the file and what is wrong.
     ``where`` is the file (and member), ``detail`` what is wrong, ``missing`` True when
-    nothing is there at all."""
+    nothing is there at all, ``kind`` what is there instead of a regular file (e.g. "a folder")."""
 
-    def __init__(self, where: object, detail: str, missing: bool = False):
+    def __init__(self, where: object, detail: str, missing: bool = False, kind: str | None = None):
         super().__init__(f"{where}: {detail}")
-        self.where, self.detail, self.missing = str(where), detail, missing
+        self.where, self.detail, self.missing, self.kind = str(where), detail, missing, kind
 
 
 class RefusedPickleError(UnsafeFileError):
@@ -72,13 +72,14 @@ def open_regular(path: Path | str) -> BinaryIO:
             raise UnsafeFileError(path, "a loop of symbolic links (or too many levels of them); replace the "
                                   "link with the file itself") from None
         if exc.errno == errno.ENXIO:
-            raise UnsafeFileError(path, "a socket, not a regular file; put the file itself there") from None
+            raise UnsafeFileError(path, "a socket, not a regular file; put the file itself there",
+                                  kind="a socket") from None
         raise UnsafeFileError(path, f"cannot open ({exc.strerror})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-        raise UnsafeFileError(path, f"{kind}, not a regular file; put the file itself there")
+        raise UnsafeFileError(path, f"{kind}, not a regular file; put the file itself there", kind=kind)
     if hasattr(os, "set_blocking"):
         os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
