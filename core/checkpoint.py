@@ -164,8 +164,10 @@ def clean(run_dir: Path) -> list[Path]:
     """Remove unfinished checkpoint folders left by a killed process; returns what was removed."""
     root = Path(run_dir) / CHECKPOINTS
     stale = sorted(root.glob(".tmp-*")) if root.is_dir() else []
+    from robovla.runs import remove
+
     for path in stale:
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        remove(path)
     return stale
 
 

@@ -90,7 +90,8 @@ def own_entries(folder: Path) -> list[Path]:
     return found
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder with everything in it."""
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
@@ -111,7 +112,7 @@ def undo_overwrite(run_dir: Path) -> str | None:
     if not aside.is_dir():
         return None
     for path in own_entries(run_dir):
-        _remove(path)
+        remove(path)
     for path in own_entries(aside):
         target = Path(run_dir) / path.relative_to(aside)
         target.parent.mkdir(parents=True, exist_ok=True)
