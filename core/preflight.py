@@ -32,8 +32,6 @@ from typing import TYPE_CHECKING, Any
 from robovla.errors import ConfigError, RobovlaError, unknown
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from robovla.config import FabricConfig, RunConfig
 
 MAX_RUN_NAME = 128
@@ -196,11 +194,12 @@ def data_problems(run: RunConfig) -> list[str]:
     import numpy as np
 
     import robovla
+    from robovla.windows import counts
 
     name, config = run.dataset.name, run.dataset.config
     try:
         dataset = robovla.create("dataset", name, config)
-        lengths = _lengths(dataset.segment_table())
+        bounds = np.asarray(dataset.segment_table().bounds, dtype=np.int64).reshape(-1, 2)  # (start, end) [S, 2]
     except (RobovlaError, OSError) as exc:
         from robovla.registry import summary
 
@@ -222,25 +221,17 @@ def data_problems(run: RunConfig) -> list[str]:
     tasks = getattr(config, "tasks", None)
     if tasks:
         found += _task_problems(name, config, tasks)
-    if not len(lengths):
+    if not len(bounds):
         return found + ([] if tasks else [f"--dataset {name}: the split lists no annotated segments to train on"])
     t = run.train
-    windows = int(np.maximum(0, lengths - t.window + 1).sum())  # as robovla.windows cuts them
+    windows = int(counts(bounds, t.window).sum())  # as robovla.windows cuts them
     batch = t.batch_size * world_size(run.fabric)
     if windows < batch:
-        longest = int(lengths.max())
+        longest = int((bounds[:, 1] - bounds[:, 0]).max()) + 1
         found.append(f"--train.batch_size {t.batch_size}, --train.window {t.window}: the training split gives "
                      f"{windows} windows of {t.window} frames (its longest segment has {longest} frames), fewer than "
                      f"one global batch of {batch}; lower --train.batch_size or --train.window")
     return found
-
-
-def _lengths(table: Any) -> np.ndarray:
-    """Frames per segment of a :class:`robovla.dataset.SegmentTable`, int64 [S]."""
-    import numpy as np
-
-    bounds = np.asarray(table.bounds, dtype=np.int64).reshape(-1, 2)
-    return bounds[:, 1] - bounds[:, 0] + 1
 
 
 def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:

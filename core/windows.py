@@ -20,11 +20,17 @@ import numpy as np
 from robovla.dataset import Frames, Segment, SegmentTable
 
 
-def sample_counts(segments: list[Segment], window: int) -> np.ndarray:
-    """Samples per segment, int64 [S]: end - start - T + 2, or 0 when the segment is shorter than T."""
-    bounds = np.fromiter((v for seg in segments for v in (seg.start, seg.end)), np.int64,
-                         2 * len(segments)).reshape(-1, 2)
+def counts(bounds: np.ndarray, window: int) -> np.ndarray:
+    """Samples per segment of (start, end) rows ``bounds`` [S, 2], int64 [S]: end - start - T + 2,
+    or 0 when the segment is shorter than T."""
+    bounds = np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
     return np.maximum(bounds[:, 1] - bounds[:, 0] - window + 2, 0)
+
+
+def sample_counts(segments: list[Segment], window: int) -> np.ndarray:
+    """Samples per segment, int64 [S] (:func:`counts`)."""
+    return counts(np.fromiter((v for seg in segments for v in (seg.start, seg.end)), np.int64, 2 * len(segments)),
+                  window)
 
 
 def sample_starts(segments: list[Segment], window: int) -> np.ndarray:
@@ -90,9 +96,9 @@ class WindowDataset:
         self.segments = table() if table else SegmentTable.of(dataset.segments())  # arrays, not objects
         # sample i is start frame first[j] + i of the segment j whose samples hold i:
         # 16 bytes per segment, however many samples there are
-        counts = np.maximum(self.segments.bounds[:, 1] - self.segments.bounds[:, 0] - window + 2, 0)
-        self._ends = np.cumsum(counts)  # samples up to and including each segment
-        self._first = self.segments.bounds[:, 0] - (self._ends - counts)
+        per_segment = counts(self.segments.bounds, window)
+        self._ends = np.cumsum(per_segment)  # samples up to and including each segment
+        self._first = self.segments.bounds[:, 0] - (self._ends - per_segment)
 
     @property
     def index(self) -> np.ndarray:
