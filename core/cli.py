@@ -56,13 +56,7 @@ def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str
         if token in SWITCHES:
             run[token[2:]], i = "true", i + 1
             continue
-        key, eq, value = token[2:].partition("=")
-        value_or_none: str | None = value
-        if not eq:
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value_or_none, i = (argv[i + 1], i + 2) if has_value else (None, i + 1)
-        else:
-            i += 1
+        key, value_or_none, i = cfg.read_flag(argv, i)
         if f"--{key}" in RUN_FLAGS:
             if not value_or_none:
                 raise ConfigError([f"--{key}: needs a value"], header="cannot parse the command line")

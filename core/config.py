@@ -231,6 +231,32 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
     return data, origin
 
 
+def read_flag(argv: list[str], i: int) -> tuple[str, str | None, int]:
+    """The flag at ``argv[i]`` (a token starting with ``--``) as (key, value, index of the next
+    token): ``--key value``, ``--key=value``, or a bare ``--key`` when the next token is another
+    flag or there is none (value None, which means true for a yes/no field)."""
+    key, eq, value = argv[i][2:].partition("=")
+    if eq:
+        return key, value, i + 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return key, argv[i + 1], i + 2
+    return key, None, i + 1
+
+
+def section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """Take the ``--SECTION.FIELD`` flags out of ``argv`` (grammar: :func:`read_flag`):
+    (the other tokens, [("SECTION.FIELD", value)]) for :func:`cli_layer`."""
+    rest, flags, i = [], [], 0
+    while i < len(argv):
+        if argv[i].startswith(f"--{section}."):
+            key, value, i = read_flag(argv, i)
+            flags.append((key, value))
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, flags
+
+
 def _coerce_cli(annotation: Any, text: str) -> Any:
     """Turn a command-line string into what the field's type expects where pydantic won't:
     lists, written ``a,b`` or as TOML ``["a", "b"]``. (``none`` is handled for every source

@@ -40,6 +40,11 @@ class Env(abc.ABC):
     """Reset to a state, start a task, step commands, report task success."""
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    safe_in_process: ClassVar[bool] = False
+    """True when several instances can run in one process without affecting each other (no
+    process-wide simulator state). Evaluation runs envs that do not say so each in its own
+    worker process (robovla.env_workers), which also needs the env to be importable and its
+    observations picklable there."""
 
     def __init__(self, config: ComponentConfig):
         self.config = config

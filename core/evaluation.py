@@ -4,6 +4,7 @@
         offline:     [--split PATH] [--batches N] [--batch-size N]
         closed loop: [--env NAME] [--env.FIELD VALUE ...] [--protocol long-horizon|episodes]
                      [--sequences N] [--shard I/N] [--episodes N] [--steps N] [--envs N]
+                     [--workers auto|process|inline] [--resume | --overwrite] [--record N]
                      [--execute POLICY] [--seed S]
         [--device cpu|cuda] [--out DIR] [--no-progress]
     robo-run eval --merge long_horizon-shard-*.json [--out DIR]
@@ -11,9 +12,13 @@
 Without --offline or --closed-loop both run where they can: offline when the run has a
 validation split, closed loop when an env is named (or the run was trained with
 ``--train.eval_env``). Reports go to ``RUN_DIR/eval/<checkpoint>/`` (``--out``): per part
-a JSON file and a PNG chart, and a table printed on the terminal. ``--shard I/N`` runs
-chains I, I+N, I+2N, ... (one process each, e.g. one per core for CALVIN's 1.8 million
-steps); ``--merge`` combines their reports into the report of all chains.
+a JSON file and a PNG chart, and a table printed on the terminal. Closed loop, ``--envs N``
+envs run side by side, each in its own worker process unless the env is safe in-process
+(robovla.env_workers); every finished chain is written down at once (``*.jsonl``), so
+``--resume`` continues an interrupted evaluation (robovla.eval_log); ``--record N`` films
+the first N chains (robovla.videos). ``--shard I/N`` runs chains I, I+N, I+2N, ... (one
+process each, e.g. one per machine); ``--merge`` combines their reports into the report of
+all chains.
 
 Offline metrics (shape letters: B batch, T window, C chunk, A action dim): the head's
 loss, and over every unmasked (window step, chunk position) the arm error per dimension
@@ -107,7 +112,7 @@ def offline(policy: Any, run: Any, split: Path | None = None, batches: int | Non
 
 def offline_chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
     """A PNG: the arm L1 per dimension, and the arm L1 and gripper accuracy per task."""
-    from robovla.rollout import report_figure, save_figure
+    from robovla.eval_report import report_figure, save_figure
 
     tasks = sorted(report["per_task"], key=lambda k: report["per_task"][k]["arm_l1"])
     fig, ax, bx = report_figure(len(tasks))
@@ -166,6 +171,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=100, help="episodes: episodes to run (default 100)")
     p.add_argument("--steps", type=int, default=None, help="env steps per (sub)task (default: the env's max_steps)")
     p.add_argument("--envs", type=int, default=1, help="envs run side by side, stepped as one batch (default 1)")
+    p.add_argument("--workers", choices=("auto", "process", "inline"), default="auto",
+                   help="where the envs run: each in its own worker process (process), all in this one (inline), "
+                        "or auto (default): inline only for envs that declare themselves safe in-process")
+    p.add_argument("--env-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="a worker that takes longer for one reset or step is stopped and its chain re-run "
+                        "(default 300)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the interrupted evaluation in the report "
+                                                             "folder (its .jsonl) with the same flags")
+    again.add_argument("--overwrite", action="store_true", help="start over even where an evaluation did not end")
+    p.add_argument("--record", type=int, default=0, metavar="N",
+                   help="write the first N chains (episodes) as MP4 videos into OUT/videos (needs robovla[video])")
     p.add_argument("--execute", default="first", help="action-chunk execution: first (default), chunk:K, "
                                                       "ensemble[:M]")
     p.add_argument("--seed", type=int, default=None, help="seed of sampling heads and episodes "
@@ -177,30 +194,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_env_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Take ``--env.FIELD VALUE`` / ``--env.FIELD=VALUE`` out of ``argv``."""
-    rest, fields, i = [], {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if token.startswith("--env."):
-            key, eq, value = token[len("--env."):].partition("=")
-            if not eq:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ConfigError([f"{token}: needs a value"], header="cannot parse the command line")
-                value, i = argv[i + 1], i + 1
-            fields[key.replace("-", "_")] = value
-        else:
-            rest.append(token)
-        i += 1
-    return rest, fields
-
-
 def main(argv: list[str]) -> int:
     from robovla import config as cfg
     from robovla import rollout
     from robovla.checkpoint import run_config
+    from robovla.closed_loop import closed_loop, env_spec, merge
 
-    argv, env_fields = split_env_flags(argv)
+    argv, env_fields = cfg.section_flags(argv, "env")
     args = parser().parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
@@ -212,6 +212,9 @@ def main(argv: list[str]) -> int:
                         ("--batch-size", args.batch_size), ("--batches", args.batches), ("--steps", args.steps)):
         if value is not None and value < 1:
             raise ConfigError([f"{flag}: must be >= 1, got {value}"], header="invalid arguments")
+    if args.record < 0 or not args.env_timeout > 0:
+        raise ConfigError([f"--record {args.record}: must be >= 0" if args.record < 0 else
+                           f"--env-timeout {args.env_timeout}: must be > 0 seconds"], header="invalid arguments")
     run = cfg.resolve(cfg.NONE, run_config(args.run, f"--run {args.run}", header="cannot evaluate"), [])
     env_name = args.env or run.train.eval_env
     do_offline = not args.closed_loop
@@ -220,7 +223,12 @@ def main(argv: list[str]) -> int:
         raise ConfigError(["--closed-loop: name an env with --env NAME (robo-run plugins lists them)"],
                           header="cannot evaluate")
     if env_fields and env_name is None:
-        raise ConfigError([f"--env.{next(iter(env_fields))}: name the env with --env NAME"], header="cannot evaluate")
+        raise ConfigError([f"--{env_fields[0][0]}: name the env with --env NAME"], header="cannot evaluate")
+    spec = env_spec(env_name, env_fields) if do_closed else None
+    if args.record and do_closed:
+        from robovla.videos import require_av
+
+        require_av()  # before the model loads
     policy = load_policy(args, "cannot evaluate")
     out = args.out or args.run / "eval" / policy.info["checkpoint"]
     out.mkdir(parents=True, exist_ok=True)
@@ -239,13 +247,9 @@ def main(argv: list[str]) -> int:
             (out / "offline.json").write_text(json.dumps(report, indent=2))
             written += [out / "offline.json", offline_chart(report, out / "offline.png", title)]
     if do_closed:
-        report = closed_loop(policy, env_name, env_fields, args, run, shard)
+        report, name = closed_loop(policy, spec, args, run, out, shard)
         print(("\n" if do_offline else "") + rollout.table(report))
-        name = "long_horizon" if report["protocol"] == "long-horizon" else "episodes"
-        if shard is not None:
-            name += f"-shard-{shard[0]}-of-{shard[1]}"
-        (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-        written += [out / f"{name}.json", rollout.chart(report, out / f"{name}.png", title)]
+        written += [out / f"{name}.json", out / f"{name}.jsonl", rollout.chart(report, out / f"{name}.png", title)]
     if not written:
         raise RobovlaError("nothing to evaluate: the run has no validation split and names no env; pass --split "
                            "PATH or --env NAME")
@@ -308,63 +312,3 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not (slash and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
         raise ConfigError([f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/8"], header="invalid arguments")
     return int(i), int(n)
-
-
-def merge(files: list[Path], out: Path | None) -> int:
-    """``robo-run eval --merge``: the shards' long-horizon reports -> one report, table and chart."""
-    from robovla import rollout
-
-    reports = []
-    for file in files:
-        try:
-            reports.append(json.loads(Path(file).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RobovlaError(f"--merge {file}: cannot read a JSON report ({exc})") from None
-    try:
-        report = rollout.merge_chains(reports)
-    except ValueError as exc:
-        raise RobovlaError(f"--merge: {exc}") from None
-    out = out or Path(files[0]).parent
-    out.mkdir(parents=True, exist_ok=True)
-    print(rollout.table(report))
-    (out / "long_horizon.json").write_text(json.dumps(report, indent=2))
-    chart = rollout.chart(report, out / "long_horizon.png", title=f"{len(files)} shards merged")
-    print(f"\nwrote {out / 'long_horizon.json'}, {chart}")
-    return 0
-
-
-def closed_loop(policy: Any, env_name: str, env_fields: dict[str, str], args: argparse.Namespace,
-                run: Any, shard: tuple[int, int] | None = None) -> dict[str, Any]:
-    import robovla
-    from robovla import rollout
-
-    envs = [robovla.create("env", env_name, dict(env_fields)) for _ in range(args.envs)]
-    seed = run.train.eval_seed if args.seed is None else args.seed
-    progress = not args.no_progress
-    try:
-        if args.protocol == "episodes":
-            if args.envs > 1:
-                raise ConfigError(["--envs: single-task episodes run in one env; use --protocol long-horizon to "
-                                   "run envs side by side"], header="invalid arguments")
-            report = rollout.evaluate(policy, envs[0], episodes=args.episodes, seed=seed, max_steps=args.steps,
-                                      progress=progress)
-        else:
-            try:
-                chains = envs[0].chains(args.sequences)
-            except NotImplementedError as exc:
-                raise RobovlaError(str(exc)) from None
-            indices = list(range(len(chains)))
-            if shard is not None:
-                chains, indices = chains[shard[0]::shard[1]], indices[shard[0]::shard[1]]
-                if not chains:
-                    raise ConfigError([f"--shard {shard[0]}/{shard[1]}: no chains among {args.sequences}"],
-                                      header="invalid arguments")
-            report = rollout.long_horizon(policy, envs, chains, steps_per_task=args.steps, seed=seed,
-                                          progress=progress, indices=indices)
-            if shard is not None:
-                report["shard"] = f"{shard[0]}/{shard[1]}"
-    finally:
-        for env in envs:
-            env.close()
-    return {**report, "env": env_name, "env_config": env_fields, "execution": str(policy.execution),
-            "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step")}

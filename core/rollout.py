@@ -8,273 +8,296 @@ Two protocols:
   env steps (360 in CALVIN), the oracle asked after every step. Success moves on to the
   next subtask from wherever the robot stopped (no reset); a failure ends the chain.
   Reported: the success rate after 1..L subtasks in a row, the average length (their sum)
-  and per task the successes and attempts. Several envs run different chains side by side,
-  stepped as one batch; each chain's result does not depend on how many run beside it.
+  and per task the successes and attempts.
 - :func:`evaluate`, single-task episodes: episode e resets the env with seed ``seed + e``,
   draws its task with ``numpy.random.default_rng([seed, e])`` among ``env.tasks`` and runs
   until success or ``max_steps``.
 
-Sampling heads draw from a generator seeded per episode (or per chain and subtask), so an
-evaluation is deterministic given its seed.
+Several envs (an :class:`robovla.env_workers.EnvPool`, in worker processes or in this one)
+run different chains side by side, stepped in lockstep with one batched policy call per
+control step; sampling heads draw from a generator seeded per chain and subtask (per
+episode), so each result depends on the seed alone, not on how many envs ran or in what
+order. A chain whose policy gives a malformed command (NaN, a wrong shape) or whose env
+raises is recorded as failed with the error and the evaluation goes on (the policy itself
+raising, e.g. for an image it cannot read, ends the evaluation: that is no chain's
+fault, and what finished before is kept); a chain whose
+worker process dies is re-run from its start in a fresh worker (at most
+:data:`MAX_RERUNS` times). ``on_result`` sees each result as it ends (robovla.eval_log
+writes them down, so that an interrupted evaluation resumes), and a recorder
+(robovla.videos) films the chains it wants.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from robovla.env import Chain, Env, Observation
+from robovla.env import Chain, Env
+from robovla.env_workers import EnvPool, Fault, describe
+from robovla.eval_report import chart, merge_chains, summarize_chains, summarize_episodes, table
+
+__all__ = ["long_horizon", "evaluate", "episode_max_steps", "Job", "MAX_RERUNS",
+           "chart", "table", "merge_chains", "summarize_chains"]
+
+MAX_RERUNS = 2
+"""A chain whose worker process dies is re-run from its start this many times; then it is
+recorded as failed with the error."""
 
 
-def episode_max_steps(env: Env, max_steps: int | None) -> int:
+def episode_max_steps(env: Env | EnvPool | Any, max_steps: int | None) -> int:
     """``max_steps``, or the env config's ``max_steps``; an error when neither is there."""
     if max_steps is None:
-        max_steps = getattr(env.config, "max_steps", None)
+        config = env.config
+        max_steps = getattr(config, "max_steps", None)
         if max_steps is None:
-            raise ValueError(f"{type(env).__name__} has no config.max_steps; pass max_steps= "
+            raise ValueError(f"{type(config).__qualname__.split('.')[0]} has no config.max_steps; pass max_steps= "
                              "(steps a policy gets per task before it counts as failed)")
     if int(max_steps) < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     return int(max_steps)
 
 
-# ------------------------------------------------------------------------ long horizon
+def command_problem(command: Any) -> str | None:
+    """What is wrong with a policy's command for an env (a finite vector), or None."""
+    array = np.asarray(command)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.number):
+        return f"the policy's command is {array.dtype} {list(array.shape)}, not a vector [A] of numbers"
+    if not np.isfinite(array).all():
+        return f"the policy's command is not finite: {np.array2string(array, precision=4)}"
+    return None
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One chain (or episode) to run: its place in the list given, its number, its start."""
+
+    position: int
+    index: int
+    state: Any
+    tasks: tuple[str, ...] | None  # None: an episode, whose task is drawn after the reset
 
 
 @dataclass
-class _Running:
-    """One env's current chain."""
+class _Run:
+    """A job under way in one slot."""
 
-    position: int  # in the chains given
-    index: int  # the chain's number
-    chain: Chain
-    observation: Observation
+    job: Job
+    tasks: tuple[str, ...] = ()
+    observation: Any = None
     instruction: str = ""
     subtask: int = 0
     steps: int = 0
     steps_per_subtask: list[int] = field(default_factory=list)
+    reruns: int = 0
 
 
-def long_horizon(policy: Any, envs: Env | list[Env], chains: list[Chain], steps_per_task: int | None = None,
-                 seed: int = 0, progress: bool = True, indices: list[int] | None = None) -> dict[str, Any]:
+class _Runner:
+    """Runs jobs on a pool's slots in lockstep (module docstring)."""
+
+    def __init__(self, policy: Any, pool: EnvPool, limit: int, seed: int, episodes: bool,
+                 on_result: Callable[[dict[str, Any]], None] | None, recorder: Any):
+        self.policy, self.pool, self.limit, self.seed, self.episodes = policy, pool, limit, seed, episodes
+        self.on_result, self.recorder = on_result, recorder
+        self.running: dict[int, _Run] = {}
+        self.results: dict[int, dict[str, Any]] = {}
+        self.failed = 0
+
+    def run(self, jobs: list[Job], progress: bool, desc: str) -> dict[int, dict[str, Any]]:
+        from tqdm import tqdm
+
+        pending = deque(jobs)
+        with tqdm(total=len(jobs), desc=desc, unit="episode" if self.episodes else "chain",
+                  disable=not progress) as self.bar:
+            while pending or self.running:
+                for slot in range(len(self.pool)):
+                    while slot not in self.running and pending:
+                        self.start(slot, _Run(pending.popleft()))
+                if self.running:
+                    self.step()
+        return self.results
+
+    # ------------------------------------------------------------------- a job's life
+
+    def start(self, slot: int, run: _Run) -> None:
+        """Reset the slot's env to the job's start and begin its first subtask."""
+        run.subtask, run.steps, run.steps_per_subtask = 0, 0, []
+        self.running[slot] = run
+        if self.recorder is not None:
+            self.recorder.begin(run.job)
+        reply = self.pool.call("begin", {slot: (run.job.state,)})[slot]
+        if isinstance(reply, Fault):
+            return self.fault(slot, reply)
+        run.observation, feasible = reply
+        if self.episodes:
+            if not feasible:
+                return self.finish(slot, "the env offers no task after reset (its tasks are empty)")
+            run.tasks = (feasible[int(np.random.default_rng([self.seed, run.job.index]).integers(len(feasible)))],)
+        else:
+            run.tasks = tuple(run.job.tasks)
+        self.begin_subtask(slot)
+
+    def begin_subtask(self, slot: int) -> None:
+        run = self.running[slot]
+        reply = self.pool.call("start", {slot: (run.tasks[run.subtask],)})[slot]
+        if isinstance(reply, Fault):
+            return self.fault(slot, reply)
+        run.instruction, run.steps = reply, 0
+        index = run.job.index
+        self.policy.reset(slot, seed=self.seed * 100_003 + index if self.episodes else
+                          self.seed * 1_000_003 + index * 101 + run.subtask)
+
+    def step(self) -> None:
+        """One control step of every running job: one policy call, then every env at once."""
+        slots = sorted(self.running)
+        # the policy raising (it does not fit the env, a bug) ends the evaluation: what finished is kept
+        commands = self.policy.act_batch([self.running[s].observation for s in slots],
+                                         [self.running[s].instruction for s in slots], keys=slots)
+        requests = {}
+        for slot, command in zip(slots, commands):
+            problem = command_problem(command)
+            if problem:
+                self.finish(slot, problem)
+            else:
+                requests[slot] = (np.asarray(command),)
+        for slot, reply in self.pool.call("step", requests).items():
+            if isinstance(reply, Fault):
+                self.fault(slot, reply)
+                continue
+            run = self.running[slot]
+            run.observation, success = reply
+            run.steps += 1
+            over = not success and run.steps >= self.limit
+            if success or over:
+                run.steps_per_subtask.append(run.steps)
+                run.subtask += int(success)
+            self.film(run, success, over)
+            if over or run.subtask == len(run.tasks):
+                self.finish(slot)
+            elif success:
+                self.begin_subtask(slot)
+
+    def fault(self, slot: int, fault: Fault) -> None:
+        """A slot's call failed: re-run the job in a fresh worker when the worker died, else fail it."""
+        run = self.running[slot]
+        if not fault.died:
+            return self.finish(slot, fault.message)
+        try:
+            self.pool.restart(slot)
+        except Exception as exc:  # noqa: BLE001 - no worker: the evaluation cannot go on
+            raise RuntimeError(f"{fault.message}; restarting it failed: {describe(exc)}") from exc
+        if run.reruns >= MAX_RERUNS:
+            return self.finish(slot, f"{fault.message}; the chain was run {run.reruns + 1} times, each time "
+                                     "killing its worker")
+        self.bar.write(f"{fault.message}; re-running {'episode' if self.episodes else 'chain'} {run.job.index} "
+                       "from its start in a fresh worker")
+        self.policy.drop(slot)
+        if self.recorder is not None:
+            self.recorder.discard(run.job)
+        self.start(slot, _Run(run.job, reruns=run.reruns + 1))
+
+    def finish(self, slot: int, error: str | None = None) -> None:
+        run = self.running.pop(slot)
+        if error is not None and len(run.steps_per_subtask) <= run.subtask < len(run.tasks or (None,)):
+            run.steps_per_subtask.append(run.steps)  # the steps the failing subtask got
+        result = self.result(run)
+        if error is not None:
+            result["error"] = error
+            self.failed += 1
+            self.bar.write(f"{'episode' if self.episodes else 'chain'} {run.job.index} failed: {error.splitlines()[0]}")
+        self.policy.drop(slot)
+        if self.recorder is not None:
+            self.recorder.end(run.job, result)
+        if self.on_result is not None:
+            self.on_result(result)
+        self.results[run.job.position] = result
+        self.bar.update(1)
+        done = list(self.results.values())
+        score = np.mean([r["success"] for r in done]) if self.episodes else np.mean([r["completed"] for r in done])
+        self.bar.set_postfix({"success" if self.episodes else "avg_len": f"{score:.2f}",
+                              **({"errors": self.failed} if self.failed else {})}, refresh=False)
+
+    def result(self, run: _Run) -> dict[str, Any]:
+        job = run.job
+        if self.episodes:
+            return {"index": job.index, "seed": job.state, "task": run.tasks[0] if run.tasks else None,
+                    "instruction": run.instruction, "success": run.subtask == 1,
+                    "steps": run.steps_per_subtask[0] if run.steps_per_subtask else 0}
+        return {"index": job.index, "state": job.state, "tasks": list(job.tasks), "seed": self.seed,
+                "completed": run.subtask, "steps": run.steps_per_subtask,
+                "success": [i < run.subtask for i in range(len(run.steps_per_subtask))]}
+
+    def film(self, run: _Run, success: bool, over: bool) -> None:
+        if self.recorder is None or not self.recorder.wants(run.job):
+            return
+        marks = [(task, "done" if i < run.subtask else "failed" if i == run.subtask and over else
+                  "running" if i == run.subtask else "pending") for i, task in enumerate(run.tasks)]
+        self.recorder.frame(run.job, run.observation, run.instruction, marks)
+
+
+def _pool(envs: Env | list[Env] | EnvPool) -> EnvPool:
+    """A pool over the envs given (the caller keeps them and closes them)."""
+    if isinstance(envs, EnvPool):
+        return envs
+    if isinstance(envs, Env) or envs:
+        return EnvPool.of(envs)
+    raise ValueError("long_horizon needs at least one env")
+
+
+# ------------------------------------------------------------------------ protocols
+
+
+def long_horizon(policy: Any, envs: Env | list[Env] | EnvPool, chains: list[Chain], steps_per_task: int | None = None,
+                 seed: int = 0, progress: bool = True, indices: list[int] | None = None,
+                 done: dict[int, dict[str, Any]] | None = None, on_result: Callable | None = None,
+                 recorder: Any = None) -> dict[str, Any]:
     """Run ``chains`` under the long-horizon protocol (module docstring) on ``envs`` side by side.
 
     Returns ``avg_len``, ``chain_sr`` {"1".."L": fraction}, ``task_info`` {task: {"success",
-    "total"}}, ``sequences``, ``steps_per_task``, ``mean_steps`` (env steps per chain) and
-    ``results`` (per chain: its index, state, tasks, ``completed`` and the steps each attempted
-    subtask took). ``indices`` numbers the chains (default 0, 1, ...): a shard of a longer
-    list keeps the numbers, and so the seeds, its chains have in the whole list.
+    "total"}}, ``sequences``, ``steps_per_task``, ``mean_steps`` (env steps per chain),
+    ``errors`` and ``results`` (per chain: its index, state, tasks, seed, ``completed``, the
+    steps and the success of each attempted subtask, and ``error`` when it ended in one).
+    ``indices`` numbers the chains (default 0, 1, ...): a shard of a longer list keeps the
+    numbers, and so the seeds, its chains have in the whole list. ``done`` maps indices to
+    results already finished (a resumed evaluation): those chains are not run again.
     """
-    from tqdm import tqdm
-
-    envs = [envs] if isinstance(envs, Env) else list(envs)
-    if not envs:
-        raise ValueError("long_horizon needs at least one env")
+    pool = _pool(envs)
     if not chains:
         raise ValueError("long_horizon needs at least one chain")
-    limit = episode_max_steps(envs[0], steps_per_task)
+    limit = episode_max_steps(pool, steps_per_task)
     indices = list(range(len(chains))) if indices is None else list(indices)
     if len(indices) != len(chains):
         raise ValueError(f"{len(indices)} indices for {len(chains)} chains")
-    pending = deque(zip(range(len(chains)), indices, chains))
-    results: list[dict[str, Any] | None] = [None] * len(chains)
-    running: dict[int, _Running] = {}
-
-    def begin_subtask(slot: int) -> None:
-        r = running[slot]
-        r.instruction = envs[slot].start_task(r.chain.tasks[r.subtask])
-        r.steps = 0
-        policy.reset(slot, seed=seed * 1_000_003 + r.index * 101 + r.subtask)
-
-    def start_chain(slot: int) -> None:
-        position, index, chain = pending.popleft()
-        running[slot] = _Running(position, index, chain, envs[slot].reset(chain.state))
-        begin_subtask(slot)
-
-    def finish(slot: int, completed: int) -> None:
-        r = running.pop(slot)
-        results[r.position] = {"index": r.index, "state": r.chain.state, "tasks": list(r.chain.tasks),
-                            "completed": completed, "steps": r.steps_per_subtask}
-        policy.drop(slot)
-        bar.update(1)
-        done = [x["completed"] for x in results if x is not None]
-        bar.set_postfix(avg_len=f"{np.mean(done):.2f}", refresh=False)
-        if pending:
-            start_chain(slot)
-
-    with tqdm(total=len(chains), desc="long-horizon chains", unit="chain", disable=not progress) as bar:
-        for slot in range(min(len(envs), len(chains))):
-            start_chain(slot)
-        while running:
-            slots = sorted(running)
-            commands = policy.act_batch([running[s].observation for s in slots],
-                                        [running[s].instruction for s in slots], keys=slots)
-            for slot, command in zip(slots, commands):
-                r = running[slot]
-                r.observation = envs[slot].step(command)
-                r.steps += 1
-                if envs[slot].task_success():
-                    r.steps_per_subtask.append(r.steps)
-                    r.subtask += 1
-                    if r.subtask == len(r.chain.tasks):
-                        finish(slot, r.subtask)
-                    else:
-                        begin_subtask(slot)
-                elif r.steps >= limit:
-                    r.steps_per_subtask.append(r.steps)
-                    finish(slot, r.subtask)
-    return summarize_chains([r for r in results if r is not None], limit)
+    done = done or {}
+    jobs = [Job(p, i, c.state, tuple(c.tasks)) for p, (i, c) in enumerate(zip(indices, chains)) if i not in done]
+    runner = _Runner(policy, pool, limit, seed, False, on_result, recorder)
+    fresh = runner.run(jobs, progress, "long-horizon chains")
+    results = [fresh[p] if i not in done else done[i] for p, i in enumerate(indices)]
+    return summarize_chains(results, limit)
 
 
-def summarize_chains(results: list[dict[str, Any]], steps_per_task: int) -> dict[str, Any]:
-    """The protocol's metrics from per-chain results (see :func:`long_horizon`); also how the
-    reports of shards run apart are merged (:func:`merge_chains`)."""
-    length = max(len(r["tasks"]) for r in results)
-    completed = np.array([r["completed"] for r in results])
-    task_info: dict[str, dict[str, int]] = defaultdict(lambda: {"success": 0, "total": 0})
-    for r in results:
-        for i, task in enumerate(r["tasks"][:r["completed"] + 1]):  # attempted: the successes and the failure
-            task_info[task]["total"] += 1
-            task_info[task]["success"] += int(i < r["completed"])
-    chain_sr = {str(k): float(np.mean(completed >= k)) for k in range(1, length + 1)}
-    return {"protocol": "long-horizon", "avg_len": float(completed.mean()), "chain_sr": chain_sr,
-            "task_info": dict(sorted(task_info.items())), "sequences": len(results), "steps_per_task": steps_per_task,
-            "mean_steps": float(np.mean([sum(r["steps"]) for r in results])), "results": results}
-
-
-def merge_chains(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One long-horizon report from the reports of shards of the same chains (e.g. run in
-    several processes with ``robo-run eval --shard I/N``), the chains in index order."""
-    if not reports or any(r.get("protocol") != "long-horizon" for r in reports):
-        raise ValueError("merge long-horizon reports (long_horizon*.json), at least one")
-    steps = {r["steps_per_task"] for r in reports}
-    if len(steps) != 1:
-        raise ValueError(f"the reports ran different steps per subtask {sorted(steps)}; merge like with like")
-    results = sorted((x for r in reports for x in r["results"]), key=lambda x: x["index"])
-    seen = [x["index"] for x in results]
-    if len(set(seen)) != len(seen):
-        twice = sorted({i for i in seen if seen.count(i) > 1})
-        raise ValueError(f"chains {twice[:10]} appear in more than one report; merge each shard once")
-    merged = summarize_chains(results, steps.pop())
-    extra = {k: v for k, v in reports[0].items() if k not in merged and k not in ("shard",)}
-    return {**extra, **merged, "merged": len(reports)}
-
-
-# ---------------------------------------------------------------------------- episodes
-
-
-def evaluate(policy: Any, env: Env, episodes: int, seed: int = 0, max_steps: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run ``episodes`` single-task episodes of ``policy`` in ``env`` (module docstring).
+def evaluate(policy: Any, env: Env | list[Env] | EnvPool, episodes: int, seed: int = 0, max_steps: int | None = None,
+             progress: bool = True, done: dict[int, dict[str, Any]] | None = None, on_result: Callable | None = None,
+             recorder: Any = None) -> dict[str, Any]:
+    """Run ``episodes`` single-task episodes of ``policy`` in ``env`` (module docstring; one
+    env, several side by side, or a pool).
 
     Returns ``success_rate``, ``per_task`` (task -> {"success_rate", "episodes"}),
     ``mean_steps`` (over all episodes; a failure counts its ``max_steps``), ``episodes``,
-    ``max_steps``, ``seed`` and ``results`` (one dict per episode: seed, task, instruction,
-    success, steps).
+    ``max_steps``, ``seed``, ``errors`` and ``results`` (one dict per episode: index, seed,
+    task, instruction, success, steps, and ``error`` when it ended in one).
     """
-    from tqdm import tqdm
-
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    limit = episode_max_steps(env, max_steps)
-    results: list[dict[str, Any]] = []
-    with tqdm(total=episodes, desc="closed loop", unit="episode", disable=not progress) as bar:
-        for e in range(episodes):
-            observation = env.reset(seed + e)
-            tasks = env.tasks
-            task = tasks[int(np.random.default_rng([seed, e]).integers(len(tasks)))]
-            instruction = env.start_task(task)
-            policy.reset(seed=seed * 100_003 + e)
-            success, steps = False, 0
-            while steps < limit and not success:
-                observation = env.step(policy.act(observation, instruction))
-                steps += 1
-                success = bool(env.task_success())
-            results.append({"seed": seed + e, "task": task, "instruction": instruction, "success": success,
-                            "steps": steps})
-            bar.update(1)
-            bar.set_postfix(success=f"{np.mean([r['success'] for r in results]):.2f}", refresh=False)
-    per_task: dict[str, list[bool]] = defaultdict(list)
-    for r in results:
-        per_task[r["task"]].append(r["success"])
-    return {
-        "protocol": "episodes",
-        "success_rate": float(np.mean([r["success"] for r in results])),
-        "per_task": {task: {"success_rate": float(np.mean(s)), "episodes": len(s)} for task, s in sorted(per_task.items())},
-        "mean_steps": float(np.mean([r["steps"] for r in results])),
-        "episodes": episodes, "max_steps": limit, "seed": seed, "results": results,
-    }
-
-
-# ----------------------------------------------------------------------------- reports
-
-
-def report_figure(tasks: int) -> tuple[Any, Any, Any]:
-    """The layout of a report chart: (figure, headline axes on the left, per-task axes on the
-    right), tall enough for one bar per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.28 * tasks + 1)), gridspec_kw={"width_ratios": [1, 1.4]})
-    bx.tick_params(axis="y", labelsize=8)
-    return fig, ax, bx
-
-
-def save_figure(fig: Any, path: Path, title: str = "") -> Path:
-    """Title, lay out, write ``path`` as a PNG and free the figure."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def chart(report: dict[str, Any], path: Path, title: str = "") -> Path:
-    """A PNG of a closed-loop report: success after 1..L subtasks in a row (long horizon)
-    or the success rate (episodes), and the success rate per task."""
-    if report["protocol"] == "long-horizon":
-        left = {f"{k}/{len(report['chain_sr'])}": v for k, v in report["chain_sr"].items()}
-        left_title = f"tasks completed in a row (avg. len {report['avg_len']:.2f}, {report['sequences']} chains)"
-        per_task = {t: v["success"] / v["total"] for t, v in report["task_info"].items()}
-        counts = {t: v["total"] for t, v in report["task_info"].items()}
-    else:
-        left = {"success": report["success_rate"]}
-        left_title = f"success rate ({report['episodes']} episodes)"
-        per_task = {t: v["success_rate"] for t, v in report["per_task"].items()}
-        counts = {t: v["episodes"] for t, v in report["per_task"].items()}
-    fig, ax, bx = report_figure(len(per_task))
-    bars = ax.bar(list(left), [100 * v for v in left.values()], color="#4c72b0")
-    ax.bar_label(bars, fmt="%.1f%%")
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("success (%)")
-    ax.set_title(left_title, fontsize=10)
-    names = sorted(per_task, key=lambda t: per_task[t])
-    hb = bx.barh(names, [100 * per_task[t] for t in names], color="#55a868")
-    bx.bar_label(hb, labels=[f"{100 * per_task[t]:.0f}% of {counts[t]}" for t in names], fontsize=8, padding=2)
-    bx.set_xlim(0, 118)
-    bx.set_xlabel("success per task (%)")
-    return save_figure(fig, path, title)
-
-
-def table(report: dict[str, Any]) -> str:
-    """The report as text: the headline numbers, then one line per task."""
-    lines = []
-    if report["protocol"] == "long-horizon":
-        sr = "  ".join(f"{k}/{len(report['chain_sr'])}: {100 * v:.1f}%" for k, v in report["chain_sr"].items())
-        lines += [f"{report['sequences']} chains, {report['steps_per_task']} steps per subtask", sr,
-                  f"average length: {report['avg_len']:.3f}", "", f"{'task':<32} {'success':>8} {'of':>6}"]
-        lines += [f"{t:<32} {v['success']:>8} {v['total']:>6}" for t, v in report["task_info"].items()]
-    else:
-        lines += [f"{report['episodes']} episodes, at most {report['max_steps']} steps each: "
-                  f"{100 * report['success_rate']:.1f}% success", "", f"{'task':<32} {'success':>8} {'episodes':>9}"]
-        lines += [f"{t:<32} {100 * v['success_rate']:>7.1f}% {v['episodes']:>9}" for t, v in report["per_task"].items()]
-    return "\n".join(lines)
+    pool = _pool(env)
+    limit = episode_max_steps(pool, max_steps)
+    done = done or {}
+    jobs = [Job(e, e, seed + e, None) for e in range(episodes) if e not in done]
+    fresh = _Runner(policy, pool, limit, seed, True, on_result, recorder).run(jobs, progress, "closed loop")
+    results = [fresh[e] if e not in done else done[e] for e in range(episodes)]
+    return summarize_episodes(results, limit, seed)

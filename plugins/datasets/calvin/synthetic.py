@@ -203,6 +203,8 @@ def write_task(out: Path, episodes: int, seed: int, val_episodes: int | None = N
 class SyntheticReach(robovla.Env):
     """The synthetic reach task: reset to a seeded scene, step rel-world commands."""
 
+    safe_in_process = True  # numpy only: instances share nothing
+
     class Config(robovla.ComponentConfig):
         max_steps: int = Field(60, ge=1, description="steps a policy gets per task before it counts as failed")
 

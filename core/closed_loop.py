@@ -1,0 +1,139 @@
+"""``robo-run eval``'s closed-loop part: the env from ``--env NAME --env.FIELD VALUE``, its
+workers, the results file that makes an evaluation resumable, videos, and ``--merge``.
+
+Files, in the report folder, per evaluation (``NAME`` is ``long_horizon`` or ``episodes``,
+a shard's ``long_horizon-shard-I-of-N``): ``NAME.jsonl`` (one line per finished chain, see
+robovla.eval_log), ``NAME.json`` (the report), ``NAME.png`` (its chart) and with
+``--record N`` ``videos/<long_horizon|episodes>-<index>.mp4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from robovla import config as cfg
+from robovla.env_workers import EnvPool, EnvSpec
+from robovla.errors import ConfigError, RobovlaError
+
+
+def env_spec(name: str, flags: list[tuple[str, str | None]], header: str = "cannot evaluate") -> EnvSpec:
+    """The env ``name`` with ``--env.FIELD`` flags, checked like every other section's flags
+    (lists as ``a,b``, bare yes/no flags, the field's type and bounds): an :class:`EnvSpec`
+    holding the whole validated config; a ConfigError naming each bad flag."""
+    from robovla.registry import get_component
+
+    model = get_component("env", name).load().Config
+    layer, problems = cfg.cli_layer(flags, {"env": model})
+    values = layer.get("env", {})
+    config, found = cfg.validate_section("env", model, values, {("env", k): "command line" for k in values})
+    if problems or found:
+        raise ConfigError(problems + found, header=header)
+    return EnvSpec(name, config.model_dump(mode="json"))
+
+
+def use_processes(spec: EnvSpec, workers: str, envs: int) -> bool:
+    """Whether the envs run in worker processes (``--workers auto|process|inline``)."""
+    safe = spec.env_class().safe_in_process
+    if workers == "inline" and not safe and envs > 1:
+        raise ConfigError([f"--workers inline: env {spec.name} is not safe to run several times in one process (it "
+                           f"does not declare safe_in_process; a simulator's process-wide state would change what "
+                           f"the envs see), so --envs {envs} needs worker processes: drop --workers inline"],
+                          header="invalid arguments")
+    return workers == "process" or (workers == "auto" and not safe)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``path`` atomically (a temporary name, then a rename)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2))
+    os.replace(partial, path)
+
+
+def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, out: Path,
+                shard: tuple[int, int] | None = None) -> tuple[dict[str, Any], str]:
+    """Run the closed-loop evaluation ``args`` ask for; returns (report, file stem)."""
+    from robovla import rollout, videos
+    from robovla.eval_log import EvalLog
+
+    long = args.protocol == "long-horizon"
+    stem = ("long_horizon" if long else "episodes") + (f"-shard-{shard[0]}-of-{shard[1]}" if shard else "")
+    prefix = "long_horizon" if long else "episodes"
+    if shard is not None and not long:
+        raise ConfigError(["--shard: shards split long-horizon chains; single-task episodes run with --envs N"],
+                          header="invalid arguments")
+    processes = use_processes(spec, args.workers, args.envs)
+    seed = run.train.eval_seed if args.seed is None else args.seed
+    limit = rollout.episode_max_steps(SimpleNamespace(config=spec.env_class().Config.model_validate(spec.config)),
+                                      args.steps)
+    identity = {"protocol": args.protocol, "env": spec.name, "env_config": spec.config,
+                "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
+                "execution": str(policy.execution), "seed": seed, "steps": limit,
+                "shard": f"{shard[0]}/{shard[1]}" if shard else None}
+    recorder = videos.Recorder(out / "videos", args.record, prefix) if args.record else None
+    progress = not args.no_progress
+    try:
+        with EvalLog(out / f"{stem}.jsonl", identity, resume=args.resume, overwrite=args.overwrite) as log, \
+                EnvPool(spec, args.envs, processes, timeout=args.env_timeout) as pool:
+            common = dict(seed=seed, progress=progress, done=log.done, on_result=log.add, recorder=recorder)
+            if long:
+                chains, indices = _chains(pool, args.sequences, shard)
+                report = rollout.long_horizon(policy, pool, chains, steps_per_task=limit, indices=indices, **common)
+            else:
+                report = rollout.evaluate(policy, pool, episodes=args.episodes, max_steps=limit, **common)
+            report = {**report, "env": spec.name, "env_config": spec.config, "execution": str(policy.execution),
+                      "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
+                      **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+                      "workers": "processes" if processes else "inline"}
+            if args.record:
+                report["videos"] = videos.index(report["results"], out / "videos", args.record, prefix, out)
+            write_json(out / f"{stem}.json", report)
+            log.finish(len(report["results"]))
+    finally:
+        if recorder is not None:
+            recorder.close()
+    return report, stem
+
+
+def _chains(pool: EnvPool, sequences: int, shard: tuple[int, int] | None) -> tuple[list[Any], list[int]]:
+    try:
+        chains = pool.ask(0, "chains", sequences)
+    except NotImplementedError as exc:
+        raise RobovlaError(str(exc)) from None
+    except ValueError as exc:
+        raise ConfigError([f"--sequences {sequences}: {exc}"], header="invalid arguments") from None
+    indices = list(range(len(chains)))
+    if shard is not None:
+        chains, indices = chains[shard[0]::shard[1]], indices[shard[0]::shard[1]]
+        if not chains:
+            raise ConfigError([f"--shard {shard[0]}/{shard[1]}: no chains among {sequences}"],
+                              header="invalid arguments")
+    return chains, indices
+
+
+def merge(files: list[Path], out: Path | None) -> int:
+    """``robo-run eval --merge``: the shards' long-horizon reports -> one report, table and chart."""
+    from robovla import rollout
+
+    reports = []
+    for file in files:
+        try:
+            reports.append(json.loads(Path(file).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RobovlaError(f"--merge {file}: cannot read a JSON report ({exc})") from None
+    try:
+        report = rollout.merge_chains(reports)
+    except ValueError as exc:
+        raise RobovlaError(f"--merge: {exc}") from None
+    out = out or Path(files[0]).parent
+    out.mkdir(parents=True, exist_ok=True)
+    print(rollout.table(report))
+    write_json(out / "long_horizon.json", report)
+    chart = rollout.chart(report, out / "long_horizon.png", title=f"{len(files)} shards merged")
+    print(f"\nwrote {out / 'long_horizon.json'}, {chart}", file=sys.stdout)
+    return 0
