@@ -95,7 +95,7 @@ class EvalLog:
                 header, good = entry["evaluation"], self.file.tell()
             elif isinstance(entry, dict) and "finished" in entry:
                 finished = True
-            elif isinstance(entry, dict) and isinstance(entry.get("index"), int) and not isinstance(entry["index"], bool):
+            elif isinstance(entry, dict) and type(entry.get("index")) is int:
                 results[entry["index"]] = entry
                 finished, good = False, self.file.tell()
             else:

@@ -40,7 +40,8 @@ def summarize_episodes(results: list[dict[str, Any]], max_steps: int, seed: int)
     return {
         "protocol": "episodes",
         "success_rate": float(np.mean([r["success"] for r in results])),
-        "per_task": {task: {"success_rate": float(np.mean(s)), "episodes": len(s)} for task, s in sorted(per_task.items())},
+        "per_task": {task: {"success_rate": float(np.mean(s)), "episodes": len(s)}
+                     for task, s in sorted(per_task.items())},
         "mean_steps": float(np.mean([r["steps"] for r in results])),
         "episodes": len(results), "max_steps": max_steps, "seed": seed, "errors": errors(results), "results": results,
     }

@@ -141,7 +141,8 @@ def test_a_chain_that_kills_its_worker_every_time_is_recorded_as_failed(tmp_path
         got = long_horizon(killer, pool, chains, progress=False)
         assert pool.restarts == MAX_RERUNS + 1 and len(killer.killed) == MAX_RERUNS + 1
     failed = got["results"][1]
-    assert failed["completed"] == 0 and "SIGKILL" in failed["error"] and f"run {MAX_RERUNS + 1} times" in failed["error"]
+    assert failed["completed"] == 0 and "SIGKILL" in failed["error"]
+    assert f"run {MAX_RERUNS + 1} times" in failed["error"]
     assert got["errors"] == {"count": 1, "by_index": {"1": failed["error"]}}
     assert [got["results"][i] for i in (0, 2)] == [expected["results"][i] for i in (0, 2)]
 

@@ -1,0 +1,134 @@
+"""Closed-loop evaluation throughput against the number of envs: worker processes, envs in one
+process, and ``--shard`` processes, measured side by side in one invocation.
+
+    python bench/eval_envs.py [--run RUN] [--env synthetic] [--env.FIELD VALUE ...]
+                              [--sequences 32] [--steps 20] [--n 1,2,4] [--rounds 2] [--json]
+
+The policy is a demo run (``robo-run --preset demo``) trained for ``--train-steps`` steps
+into a temporary folder, or the run ``--run`` names. Every variant is one complete
+``robo-run eval --closed-loop`` of the same ``--sequences`` long-horizon chains with
+``--steps`` env steps per subtask (a fresh process, its startup included: loading the
+policy, spawning workers), on the CPU:
+
+  process N   --envs N --workers process: N worker processes stepped in lockstep, one
+              batched policy call per control step in the main process
+  inline N    --envs N --workers inline: the N envs in the main process (only for envs
+              that declare themselves safe in-process, e.g. synthetic)
+  shards N    N processes at once, each ``--shard I/N`` with one env (the way to spread an
+              evaluation over machines), their wall time until the last one ends
+
+Reported per variant: wall seconds (median of the rounds), env steps (from the reports),
+env steps and chains per second, and the ratio of steps per second to the first variant.
+Variants alternate round by round (each round starts with the next one), so that machine
+noise hits all alike. For CALVIN's simulator, run this with the Python that has calvin_env
+(docs/calvin-eval.md) and pass ``--env calvin --env.path /data/task_D_D/validation``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = "import sys\nfrom robovla.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def train_demo(out: Path, steps: int, env: dict[str, str]) -> Path:
+    argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
+            "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
+            "--train.run_name", "demo"]
+    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"training the demo run failed:\n{done.stderr[-3000:]}")
+    return out / "demo"
+
+
+def commands(variant: tuple[str, int], base: list[str], out: Path) -> list[list[str]]:
+    kind, n = variant
+    if kind == "shards":
+        return [[*base, "--shard", f"{i}/{n}", "--out", str(out / f"shard-{i}")] for i in range(n)]
+    return [[*base, "--envs", str(n), "--workers", kind, "--out", str(out)]]
+
+
+def measure(variant: tuple[str, int], base: list[str], out: Path, env: dict[str, str]) -> tuple[float, int, int]:
+    """(wall seconds, env steps, chains) of one complete evaluation of ``variant``."""
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", CLI, *argv], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for argv in commands(variant, base, out)]
+    errors = [p.communicate()[1] for p in procs]
+    wall = time.perf_counter() - start
+    for p, err in zip(procs, errors):
+        if p.returncode != 0:
+            raise SystemExit(f"{variant}: robo-run eval failed:\n{err[-3000:]}")
+    steps = chains = 0
+    for report in out.rglob("long_horizon*.json"):
+        results = json.loads(report.read_text())["results"]
+        steps += sum(sum(r["steps"]) for r in results)
+        chains += len(results)
+    return wall, steps, chains
+
+
+def main() -> None:
+    argv, env_flags = [], []
+    raw = sys.argv[1:]
+    while raw:
+        token = raw.pop(0)
+        if token.startswith("--env."):
+            env_flags += [token] + ([raw.pop(0)] if "=" not in token and raw else [])
+        else:
+            argv.append(token)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, default=None, help="the run to evaluate (default: train a demo run)")
+    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--env", default="synthetic")
+    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20, help="env steps per subtask")
+    p.add_argument("--n", default="1,2,4", help="numbers of envs, comma-separated")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    ns = [int(x) for x in args.n.split(",")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    from robovla.registry import get_component
+
+    safe = get_component("env", args.env).load().safe_in_process
+    variants = [("process", n) for n in ns] + ([("inline", n) for n in ns] if safe else []) + \
+               [("shards", n) for n in ns if n > 1]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run or train_demo(Path(tmp) / "runs", args.train_steps, env)
+        base = ["eval", "--run", str(run), "--closed-loop", "--env", args.env, *env_flags, "--sequences",
+                str(args.sequences), "--steps", str(args.steps), "--no-progress", "--overwrite"]
+        measured: dict[tuple[str, int], list[tuple[float, int, int]]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for variant in order:
+                out = Path(tmp) / f"{variant[0]}-{variant[1]}-{r}"
+                measured[variant].append(measure(variant, base, out, env))
+                print(f"round {r + 1}: {variant[0]} {variant[1]}: {measured[variant][-1][0]:.1f} s", file=sys.stderr)
+    rows = []
+    for variant, values in measured.items():
+        wall = statistics.median(v[0] for v in values)
+        steps, chains = values[0][1], values[0][2]
+        rows.append({"variant": f"{variant[0]} {variant[1]}", "wall_s": wall, "env_steps": steps,
+                     "steps_per_s": steps / wall, "chains_per_s": chains / wall})
+    first = rows[0]["steps_per_s"]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{args.env}: {args.sequences} chains, {args.steps} steps per subtask, {os.cpu_count()} CPUs, "
+          f"median of {args.rounds} rounds")
+    print(f"{'variant':<12} {'wall s':>8} {'env steps':>10} {'steps/s':>9} {'chains/s':>9} {'x':>6}")
+    for row in rows:
+        print(f"{row['variant']:<12} {row['wall_s']:>8.1f} {row['env_steps']:>10} {row['steps_per_s']:>9.1f} "
+              f"{row['chains_per_s']:>9.2f} {row['steps_per_s'] / first:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
