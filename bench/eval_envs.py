@@ -17,8 +17,11 @@ policy, spawning workers), on the CPU:
   shards N    N processes at once, each ``--shard I/N`` with one env (the way to spread an
               evaluation over machines), their wall time until the last one ends
 
-Reported per variant: wall seconds (median of the rounds), env steps (from the reports),
-env steps and chains per second, and the ratio of steps per second to the first variant.
+Reported per variant (medians of the rounds): wall seconds of the whole command, seconds in
+the closed loop alone (as ``robo-run eval`` prints it; a shard variant's slowest shard),
+env steps (from the reports), env steps per second of each with its ratio to the first
+variant, and chains per second of wall time. Shard processes run with OMP_NUM_THREADS=1,
+one core each, as docs/calvin-eval.md runs them.
 Variants alternate round by round (each round starts with the next one), so that machine
 noise hits all alike. For CALVIN's simulator, run this with the Python that has calvin_env
 (docs/calvin-eval.md) and pass ``--env calvin --env.path /data/task_D_D/validation``.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,22 +60,29 @@ def commands(variant: tuple[str, int], base: list[str], out: Path) -> list[list[
     return [[*base, "--envs", str(n), "--workers", kind, "--out", str(out)]]
 
 
-def measure(variant: tuple[str, int], base: list[str], out: Path, env: dict[str, str]) -> tuple[float, int, int]:
-    """(wall seconds, env steps, chains) of one complete evaluation of ``variant``."""
+def measure(variant: tuple[str, int], base: list[str], out: Path,
+            env: dict[str, str]) -> tuple[float, float, int, int]:
+    """(wall seconds, seconds in the closed loop (the slowest shard's), env steps, chains) of one
+    complete evaluation of ``variant``."""
+    if variant[0] == "shards":
+        env = {**env, "OMP_NUM_THREADS": "1"}  # one core each, as docs/calvin-eval.md runs shards
     start = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", CLI, *argv], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True) for argv in commands(variant, base, out)]
     errors = [p.communicate()[1] for p in procs]
     wall = time.perf_counter() - start
+    loop = 0.0
     for p, err in zip(procs, errors):
         if p.returncode != 0:
             raise SystemExit(f"{variant}: robo-run eval failed:\n{err[-3000:]}")
+        found = re.search(r"env steps in ([0-9.]+) s", err)
+        loop = max(loop, float(found.group(1)) if found else float("nan"))
     steps = chains = 0
     for report in out.rglob("long_horizon*.json"):
         results = json.loads(report.read_text())["results"]
         steps += sum(sum(r["steps"]) for r in results)
         chains += len(results)
-    return wall, steps, chains
+    return wall, loop, steps, chains
 
 
 def main() -> None:
@@ -105,29 +116,33 @@ def main() -> None:
         run = args.run or train_demo(Path(tmp) / "runs", args.train_steps, env)
         base = ["eval", "--run", str(run), "--closed-loop", "--env", args.env, *env_flags, "--sequences",
                 str(args.sequences), "--steps", str(args.steps), "--no-progress", "--overwrite"]
-        measured: dict[tuple[str, int], list[tuple[float, int, int]]] = {v: [] for v in variants}
+        measured: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
             for variant in order:
                 out = Path(tmp) / f"{variant[0]}-{variant[1]}-{r}"
                 measured[variant].append(measure(variant, base, out, env))
-                print(f"round {r + 1}: {variant[0]} {variant[1]}: {measured[variant][-1][0]:.1f} s", file=sys.stderr)
+                print(f"round {r + 1}: {variant[0]} {variant[1]}: {measured[variant][-1][0]:.1f} s "
+                      f"({measured[variant][-1][1]:.1f} s in the loop)", file=sys.stderr)
     rows = []
     for variant, values in measured.items():
-        wall = statistics.median(v[0] for v in values)
-        steps, chains = values[0][1], values[0][2]
-        rows.append({"variant": f"{variant[0]} {variant[1]}", "wall_s": wall, "env_steps": steps,
-                     "steps_per_s": steps / wall, "chains_per_s": chains / wall})
-    first = rows[0]["steps_per_s"]
+        wall, loop = statistics.median(v[0] for v in values), statistics.median(v[1] for v in values)
+        steps, chains = values[0][2], values[0][3]
+        rows.append({"variant": f"{variant[0]} {variant[1]}", "wall_s": wall, "loop_s": loop, "env_steps": steps,
+                     "steps_per_s": steps / wall, "loop_steps_per_s": steps / loop, "chains_per_s": chains / wall})
+    first, first_loop = rows[0]["steps_per_s"], rows[0]["loop_steps_per_s"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"{args.env}: {args.sequences} chains, {args.steps} steps per subtask, {os.cpu_count()} CPUs, "
           f"median of {args.rounds} rounds")
-    print(f"{'variant':<12} {'wall s':>8} {'env steps':>10} {'steps/s':>9} {'chains/s':>9} {'x':>6}")
+    print("wall: the whole command (startup included); loop: the closed loop alone (the slowest shard's)")
+    print(f"{'variant':<12} {'wall s':>7} {'loop s':>7} {'env steps':>10} {'steps/s':>8} {'x':>5} "
+          f"{'loop steps/s':>13} {'x':>5} {'chains/s':>9}")
     for row in rows:
-        print(f"{row['variant']:<12} {row['wall_s']:>8.1f} {row['env_steps']:>10} {row['steps_per_s']:>9.1f} "
-              f"{row['chains_per_s']:>9.2f} {row['steps_per_s'] / first:>6.2f}")
+        print(f"{row['variant']:<12} {row['wall_s']:>7.1f} {row['loop_s']:>7.1f} {row['env_steps']:>10} "
+              f"{row['steps_per_s']:>8.1f} {row['steps_per_s'] / first:>5.2f} {row['loop_steps_per_s']:>13.1f} "
+              f"{row['loop_steps_per_s'] / first_loop:>5.2f} {row['chains_per_s']:>9.2f}")
 
 
 if __name__ == "__main__":

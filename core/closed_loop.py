@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -80,12 +81,24 @@ def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, 
     try:
         with EvalLog(out / f"{stem}.jsonl", identity, resume=args.resume, overwrite=args.overwrite) as log, \
                 EnvPool(spec, args.envs, processes, timeout=args.env_timeout) as pool:
-            common = dict(seed=seed, progress=progress, done=log.done, on_result=log.add, recorder=recorder)
+            fresh: list[dict[str, Any]] = []
+
+            def finished(result: dict[str, Any]) -> None:
+                log.add(result)
+                fresh.append(result)
+
+            start = time.perf_counter()
+            common = dict(seed=seed, progress=progress, done=log.done, on_result=finished, recorder=recorder)
             if long:
                 chains, indices = _chains(pool, args.sequences, shard)
                 report = rollout.long_horizon(policy, pool, chains, steps_per_task=limit, indices=indices, **common)
             else:
                 report = rollout.evaluate(policy, pool, episodes=args.episodes, max_steps=limit, **common)
+            took = time.perf_counter() - start
+            steps = sum(sum(r["steps"]) if long else r["steps"] for r in fresh)
+            print(f"closed loop: {len(fresh)} {'chains' if long else 'episodes'} run, {steps} env steps in {took:.1f} s "
+                  f"({steps / max(took, 1e-9):.1f} steps/s; {args.envs} env{'s' * (args.envs > 1)} "
+                  f"{'in worker processes' if processes else 'in this process'})", file=sys.stderr)
             report = {**report, "env": spec.name, "env_config": spec.config, "execution": str(policy.execution),
                       "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
                       **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
