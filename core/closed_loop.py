@@ -70,35 +70,23 @@ def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, 
                           header="invalid arguments")
     processes = use_processes(spec, args.workers, args.envs)
     seed = run.train.eval_seed if args.seed is None else args.seed
-    limit = rollout.episode_max_steps(SimpleNamespace(config=spec.env_class().Config.model_validate(spec.config)),
-                                      args.steps)
+    try:
+        limit = rollout.episode_max_steps(SimpleNamespace(config=spec.validated(), name=spec.name), args.steps)
+    except ValueError as exc:
+        raise ConfigError([f"--steps: {exc}"], header="invalid arguments") from None
     identity = {"protocol": args.protocol, "env": spec.name, "env_config": spec.config,
                 "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
                 "execution": str(policy.execution), "seed": seed, "steps": limit,
                 "shard": f"{shard[0]}/{shard[1]}" if shard else None}
     recorder = videos.Recorder(out / "videos", args.record, prefix) if args.record else None
-    progress = not args.no_progress
     try:
-        with EvalLog(out / f"{stem}.jsonl", identity, resume=args.resume, overwrite=args.overwrite) as log, \
-                EnvPool(spec, args.envs, processes, timeout=args.env_timeout) as pool:
-            fresh: list[dict[str, Any]] = []
-
-            def finished(result: dict[str, Any]) -> None:
-                log.add(result)
-                fresh.append(result)
-
-            start = time.perf_counter()
-            common = dict(seed=seed, progress=progress, done=log.done, on_result=finished, recorder=recorder)
-            if long:
-                chains, indices = _chains(pool, args.sequences, shard)
-                report = rollout.long_horizon(policy, pool, chains, steps_per_task=limit, indices=indices, **common)
-            else:
-                report = rollout.evaluate(policy, pool, episodes=args.episodes, max_steps=limit, **common)
-            took = time.perf_counter() - start
-            steps = sum(sum(r["steps"]) if long else r["steps"] for r in fresh)
-            print(f"closed loop: {len(fresh)} {'chains' if long else 'episodes'} run, {steps} env steps in {took:.1f} s "
-                  f"({steps / max(took, 1e-9):.1f} steps/s; {args.envs} env{'s' * (args.envs > 1)} "
-                  f"{'in worker processes' if processes else 'in this process'})", file=sys.stderr)
+        with EvalLog(out / f"{stem}.jsonl", identity, resume=args.resume, overwrite=args.overwrite) as log:
+            indices = _indices(args, shard)
+            todo = [i for i in indices if i not in log.done]
+            if recorder is not None and not log.done:
+                recorder.clear(indices[:args.record])  # an earlier evaluation's videos of these chains
+            with EnvPool(spec, max(1, min(args.envs, len(todo))), processes, timeout=args.env_timeout) as pool:
+                report = _run(policy, pool, log, args, indices, limit, seed, recorder)
             report = {**report, "env": spec.name, "env_config": spec.config, "execution": str(policy.execution),
                       "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
                       **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
@@ -113,20 +101,54 @@ def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, 
     return report, stem
 
 
-def _chains(pool: EnvPool, sequences: int, shard: tuple[int, int] | None) -> tuple[list[Any], list[int]]:
+def _run(policy: Any, pool: EnvPool, log: Any, args: argparse.Namespace, indices: list[int], limit: int, seed: int,
+         recorder: Any) -> dict[str, Any]:
+    """The protocol on ``pool``, each result written to ``log`` as it ends; prints the loop's speed."""
+    from robovla import rollout
+
+    long = args.protocol == "long-horizon"
+    fresh: list[dict[str, Any]] = []
+
+    def finished(result: dict[str, Any]) -> None:
+        log.add(result)
+        fresh.append(result)
+
+    start = time.perf_counter()
+    common = dict(seed=seed, progress=not args.no_progress, done=log.done, on_result=finished, recorder=recorder)
+    if long:
+        chains = _chains(pool, args.sequences, indices)
+        report = rollout.long_horizon(policy, pool, chains, steps_per_task=limit, indices=indices, **common)
+    else:
+        report = rollout.evaluate(policy, pool, episodes=args.episodes, max_steps=limit, **common)
+    took = time.perf_counter() - start
+    steps = sum(sum(r["steps"]) if long else r["steps"] for r in fresh)
+    print(f"closed loop: {len(fresh)} {'chains' if long else 'episodes'} run, {steps} env steps in {took:.1f} s "
+          f"({steps / max(took, 1e-9):.1f} steps/s; {len(pool)} env{'s' * (len(pool) > 1)} "
+          f"{'in worker processes' if pool.processes else 'in this process'})", file=sys.stderr)
+    return report
+
+
+def _indices(args: argparse.Namespace, shard: tuple[int, int] | None) -> list[int]:
+    """The numbers of the chains (episodes) this evaluation runs."""
+    if args.protocol != "long-horizon":
+        return list(range(args.episodes))
+    indices = list(range(args.sequences))
+    if shard is not None:
+        indices = indices[shard[0]::shard[1]]
+        if not indices:
+            raise ConfigError([f"--shard {shard[0]}/{shard[1]}: no chains among {args.sequences}"],
+                              header="invalid arguments")
+    return indices
+
+
+def _chains(pool: EnvPool, sequences: int, indices: list[int]) -> list[Any]:
     try:
         chains = pool.ask(0, "chains", sequences)
     except NotImplementedError as exc:
         raise RobovlaError(str(exc)) from None
     except ValueError as exc:
         raise ConfigError([f"--sequences {sequences}: {exc}"], header="invalid arguments") from None
-    indices = list(range(len(chains)))
-    if shard is not None:
-        chains, indices = chains[shard[0]::shard[1]], indices[shard[0]::shard[1]]
-        if not chains:
-            raise ConfigError([f"--shard {shard[0]}/{shard[1]}: no chains among {sequences}"],
-                              header="invalid arguments")
-    return chains, indices
+    return [chains[i] for i in indices]
 
 
 def merge(files: list[Path], out: Path | None) -> int:

@@ -11,7 +11,7 @@ that declare :attr:`robovla.env.Env.safe_in_process` and for debugging.
 A call goes to several slots at once and answers per slot: the value, or a :class:`Fault`
 when the env raised (it stays usable) or its worker process died or hung (then
 :meth:`EnvPool.restart` starts a fresh one). A worker ends when this process closes the
-pool, and on its own when this process is gone.
+pool, and when this process is gone (on Linux at once, even inside a simulator call).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class EnvSpec:
         from robovla.registry import get_component
 
         return get_component("env", self.env).load() if isinstance(self.env, str) else self.env
+
+    def validated(self) -> Any:
+        """The config as the env's Config instance."""
+        from robovla.config import validate_component
+
+        return validate_component("env", self.name, self.env_class().Config, dict(self.config))
 
     def build(self) -> Env:
         from robovla.config import validate_component
@@ -102,7 +108,7 @@ CALLS: dict[str, Callable[..., Any]] = {
 def _serve(conn: Connection, spec: EnvSpec) -> None:
     """A worker process: build the env, then answer calls until told to stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _die_with_parent()
     try:
         env = spec.build()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
@@ -119,11 +125,29 @@ def _serve(conn: Connection, spec: EnvSpec) -> None:
                 return
             name, args = message
             try:
-                conn.send(("ok", CALLS[name](env, *args)))
+                reply = ("ok", CALLS[name](env, *args))
             except Exception as exc:  # noqa: BLE001 - a slot's fault, answered in its place
-                conn.send(("raised", describe(exc)))
+                reply = ("raised", describe(exc))
+            try:
+                conn.send(reply)
+            except OSError:
+                return  # the parent is gone
     finally:
         env.close()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel kill this worker when its parent ends, also while the worker
+    is inside a long simulator call (elsewhere the worker ends at its next read of the pipe)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent ended before the call above
+        os._exit(0)
 
 
 @dataclass
@@ -162,9 +186,10 @@ class EnvPool:
             return
         self._context = multiprocessing.get_context("spawn")
         try:
-            started = [self._spawn() for _ in range(n)]
-            for slot, worker in enumerate(started):
-                self.workers[slot] = self._ready(worker)
+            for slot in range(n):
+                self.workers[slot] = self._spawn()  # all start building at once
+            for worker in self.workers:
+                self._ready(worker)
         except BaseException:
             self.close()
             raise
@@ -192,10 +217,7 @@ class EnvPool:
     @property
     def config(self) -> Any:
         """The envs' config (a ComponentConfig instance)."""
-        if self.envs:
-            return self.envs[0].config
-        cls = self.spec.env_class()
-        return cls.Config.model_validate(self.spec.config)
+        return self.envs[0].config if self.envs else self.spec.validated()
 
     @property
     def pids(self) -> list[int | None]:
@@ -247,7 +269,7 @@ class EnvPool:
             builtin = getattr(builtins, kind, None)
             if isinstance(builtin, type) and issubclass(builtin, Exception) and not reply.died:
                 raise builtin(message)
-            raise RobovlaError(f"env {self._label()}: {reply.message}")
+            raise RobovlaError(f"env {self.name}: {reply.message}")
         return reply
 
     # --------------------------------------------------------------------- workers
@@ -256,8 +278,9 @@ class EnvPool:
         """A fresh worker (and env) in ``slot``, after its worker died or hung."""
         if not self.processes:
             raise RuntimeError("restart is for worker processes; an env in this process cannot be restarted")
-        self._stop(slot, kill=True)
-        self.workers[slot] = self._ready(self._spawn())
+        self._kill(slot)
+        self.workers[slot] = self._spawn()
+        self._ready(self.workers[slot])
         self.restarts += 1
 
     def close(self) -> None:
@@ -265,16 +288,25 @@ class EnvPool:
         for env in self.envs:
             env.close()
         self.envs = []
-        for worker in self.workers:
-            if worker is not None:
-                try:
-                    worker.conn.send(None)
-                except (OSError, ValueError):
-                    pass
-        for slot in range(len(self.workers)):
-            self._stop(slot, kill=False)
+        workers = [w for w in self.workers if w is not None]
+        self.workers = [None] * len(self.workers)
+        for worker in workers:
+            try:
+                worker.conn.send(None)
+            except (OSError, ValueError):
+                pass
+            worker.conn.close()  # a worker still in a call sees the pipe gone when it answers
+        deadline = time.monotonic() + 10
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5)
 
-    def _label(self) -> str:
+    @property
+    def name(self) -> str:
+        """The env's name (registered, or its class's)."""
         return self.spec.name if self.spec is not None else type(self.envs[0]).__name__
 
     def _spawn(self) -> _Worker:
@@ -285,8 +317,8 @@ class EnvPool:
         child.close()  # so that the worker's end closing shows here as EOF
         return _Worker(process, parent)
 
-    def _ready(self, worker: _Worker) -> _Worker:
-        """Wait for a spawned worker to build its env."""
+    def _ready(self, worker: _Worker) -> None:
+        """Wait for a spawned worker to build its env (the caller closes the pool when it fails)."""
         if not worker.conn.poll(START_TIMEOUT):
             worker.process.kill()
             raise EnvWorkerError(f"env {self.spec.name}: its worker process built no env in {START_TIMEOUT:.0f} s")
@@ -299,18 +331,13 @@ class EnvPool:
         if reply[0] == "failed":
             worker.process.join(5)
             raise EnvWorkerError(f"env {self.spec.name} cannot be built in its worker process: {reply[1]}")
-        return worker
 
-    def _stop(self, slot: int, kill: bool) -> None:
+    def _kill(self, slot: int) -> None:
         worker, self.workers[slot] = self.workers[slot], None
         if worker is None:
             return
-        if kill:
-            worker.process.kill()
-        worker.process.join(10)
-        if worker.process.is_alive():
-            worker.process.kill()
-            worker.process.join(5)
+        worker.process.kill()
+        worker.process.join(5)
         worker.conn.close()
 
     def _died(self, slot: int, during: str) -> Fault:

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from robovla.env import Chain, Env
-from robovla.env_workers import EnvPool, Fault, describe
+from robovla.env_workers import EnvPool, EnvWorkerError, Fault, describe
 from robovla.eval_report import chart, merge_chains, summarize_chains, summarize_episodes, table
 
 __all__ = ["long_horizon", "evaluate", "episode_max_steps", "Job", "MAX_RERUNS",
@@ -48,13 +48,14 @@ recorded as failed with the error."""
 
 
 def episode_max_steps(env: Env | EnvPool | Any, max_steps: int | None) -> int:
-    """``max_steps``, or the env config's ``max_steps``; an error when neither is there."""
+    """``max_steps``, or the env config's ``max_steps`` (``env``: an Env, a pool, anything with
+    ``config`` and ``name``); an error when neither is there."""
     if max_steps is None:
-        config = env.config
-        max_steps = getattr(config, "max_steps", None)
+        max_steps = getattr(env.config, "max_steps", None)
         if max_steps is None:
-            raise ValueError(f"{type(config).__qualname__.split('.')[0]} has no config.max_steps; pass max_steps= "
-                             "(steps a policy gets per task before it counts as failed)")
+            name = type(env).__name__ if isinstance(env, Env) else env.name
+            raise ValueError(f"{name} has no config.max_steps; pass max_steps= (robo-run eval --steps N): the steps a "
+                             "policy gets per task before it counts as failed")
     if int(max_steps) < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     return int(max_steps)
@@ -107,6 +108,7 @@ class _Runner:
         self.running: dict[int, _Run] = {}
         self.results: dict[int, dict[str, Any]] = {}
         self.failed = 0
+        self.stepped = False  # whether the policy has been called yet
 
     def run(self, jobs: list[Job], progress: bool, desc: str) -> dict[int, dict[str, Any]]:
         from tqdm import tqdm
@@ -144,10 +146,11 @@ class _Runner:
 
     def begin_subtask(self, slot: int) -> None:
         run = self.running[slot]
+        run.steps = 0
         reply = self.pool.call("start", {slot: (run.tasks[run.subtask],)})[slot]
         if isinstance(reply, Fault):
             return self.fault(slot, reply)
-        run.instruction, run.steps = reply, 0
+        run.instruction = reply
         index = run.job.index
         self.policy.reset(slot, seed=self.seed * 100_003 + index if self.episodes else
                           self.seed * 1_000_003 + index * 101 + run.subtask)
@@ -155,7 +158,12 @@ class _Runner:
     def step(self) -> None:
         """One control step of every running job: one policy call, then every env at once."""
         slots = sorted(self.running)
+        if self.stepped and getattr(self.policy, "cameras", None) is not None:
+            slots = self.usable(slots)
+            if not slots:
+                return
         # the policy raising (it does not fit the env, a bug) ends the evaluation: what finished is kept
+        self.stepped = True
         commands = self.policy.act_batch([self.running[s].observation for s in slots],
                                          [self.running[s].instruction for s in slots], keys=slots)
         requests = {}
@@ -182,6 +190,23 @@ class _Runner:
             elif success:
                 self.begin_subtask(slot)
 
+    def usable(self, slots: list[int]) -> list[int]:
+        """The slots whose observation the policy can read; the others' chains fail with the reason.
+        (The first step of an evaluation is not checked here: an env and a policy that do not fit,
+        e.g. a camera the env never renders, end the evaluation with the policy's error.)"""
+        from robovla.policy import ObservationError, check_observation
+
+        out = []
+        for slot in slots:
+            run = self.running[slot]
+            try:
+                check_observation(run.observation, run.instruction, self.policy.cameras)
+            except ObservationError as exc:
+                self.finish(slot, f"the env's observation is unusable: {exc}")
+            else:
+                out.append(slot)
+        return out
+
     def fault(self, slot: int, fault: Fault) -> None:
         """A slot's call failed: re-run the job in a fresh worker when the worker died, else fail it."""
         run = self.running[slot]
@@ -190,16 +215,15 @@ class _Runner:
         try:
             self.pool.restart(slot)
         except Exception as exc:  # noqa: BLE001 - no worker: the evaluation cannot go on
-            raise RuntimeError(f"{fault.message}; restarting it failed: {describe(exc)}") from exc
+            raise EnvWorkerError(f"{fault.message}; starting a fresh worker failed: {describe(exc)}. The chains "
+                                 "finished so far are kept: fix the env, then continue with --resume") from None
         if run.reruns >= MAX_RERUNS:
             return self.finish(slot, f"{fault.message}; the chain was run {run.reruns + 1} times, each time "
                                      "killing its worker")
         self.bar.write(f"{fault.message}; re-running {'episode' if self.episodes else 'chain'} {run.job.index} "
                        "from its start in a fresh worker")
         self.policy.drop(slot)
-        if self.recorder is not None:
-            self.recorder.discard(run.job)
-        self.start(slot, _Run(run.job, reruns=run.reruns + 1))
+        self.start(slot, _Run(run.job, reruns=run.reruns + 1))  # the recorder films it again from its start
 
     def finish(self, slot: int, error: str | None = None) -> None:
         run = self.running.pop(slot)
@@ -225,7 +249,7 @@ class _Runner:
     def result(self, run: _Run) -> dict[str, Any]:
         job = run.job
         if self.episodes:
-            return {"index": job.index, "seed": job.state, "task": run.tasks[0] if run.tasks else None,
+            return {"index": job.index, "seed": job.state, "task": run.tasks[0] if run.tasks else "(no task)",
                     "instruction": run.instruction, "success": run.subtask == 1,
                     "steps": run.steps_per_subtask[0] if run.steps_per_subtask else 0}
         return {"index": job.index, "state": job.state, "tasks": list(job.tasks), "seed": self.seed,
@@ -246,7 +270,7 @@ def _pool(envs: Env | list[Env] | EnvPool) -> EnvPool:
         return envs
     if isinstance(envs, Env) or envs:
         return EnvPool.of(envs)
-    raise ValueError("long_horizon needs at least one env")
+    raise ValueError("an evaluation needs at least one env")
 
 
 # ------------------------------------------------------------------------ protocols

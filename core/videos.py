@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ INSTALL = 'pip install "robovla[video]" (PyAV, which brings its own FFmpeg)'
 
 
 class VideoError(RobovlaError, RuntimeError):
-    """Videos cannot be written (PyAV missing, an unwritable folder); the message says how to fix it."""
+    """Videos cannot be written (PyAV is missing); the message says how to fix it."""
 
 
 def require_av(flag: str = "--record") -> Any:
@@ -101,10 +102,15 @@ class Recorder:
     def close(self) -> None:
         """Drop the films of jobs that did not end (an interrupted evaluation)."""
         for index in list(self.open):
-            entry = self.open.pop(index)
-            if entry:
-                entry[0].close()
-                entry[2].unlink(missing_ok=True)
+            self.discard(SimpleNamespace(index=index))
+
+    def clear(self, indices: list[int]) -> None:
+        """Remove the videos (and unfinished ones) of these chains left by an earlier evaluation,
+        so that a new one lists only its own."""
+        for index in indices:
+            name = video_name(self.prefix, index)
+            for file in (self.folder / name, self.folder / f".{name}.partial.mp4"):
+                file.unlink(missing_ok=True)
 
     def compose(self, observation: Any, index: int, instruction: str, marks: list[tuple[str, str]]) -> np.ndarray:
         """One frame, uint8 [H, W, 3], both sides even."""

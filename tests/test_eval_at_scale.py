@@ -21,7 +21,8 @@ from robovla.closed_loop import env_spec
 from robovla.env_workers import EnvPool, EnvSpec
 from robovla.eval_log import EvalLog, EvalLogError
 from robovla.policy import Policy
-from robovla.rollout import MAX_RERUNS, evaluate, long_horizon
+from robovla.rollout import MAX_RERUNS, evaluate, long_horizon, table
+from robovla_plugins.datasets.calvin.synthetic import CHAIN_SEEDS, SyntheticReach
 
 from helpers import ROBO_RUN, TINY_CNN_LSTM, clean_env, synth_split, train_tiny
 from test_rollout import ScriptedVLA
@@ -312,3 +313,38 @@ def test_record_without_pyav_says_how_to_install_it(run, tmp_path, capsys, monke
     assert main(eval_args(run, tmp_path, "--record", "1")) == 1
     assert 'pip install "robovla[video]"' in capsys.readouterr().err
     assert not (tmp_path / "long_horizon.jsonl").exists()
+
+
+class Glitchy(SyntheticReach):
+    """The synthetic env, but reset(13) raises and, from the 3rd step after reset(CHAIN_SEEDS + 2),
+    robot_obs is NaN (a physics blow-up)."""
+
+    def reset(self, state=None):
+        if state == 13:
+            raise RuntimeError("the simulator lost its connection")
+        self.steps, self.glitch = 0, state == CHAIN_SEEDS + 2
+        return super().reset(state)
+
+    def step(self, command):
+        observation = super().step(command)
+        self.steps += 1
+        if self.glitch and self.steps >= 3:
+            observation.robot_obs = np.full(15, np.nan)
+        return observation
+
+
+def test_env_faults_in_reset_and_observations_fail_single_episodes_and_chains(space):
+    config = SyntheticReach.Config(max_steps=20)
+    report = evaluate(scripted(space), [Glitchy(config), Glitchy(config)], episodes=6, seed=10, progress=False)
+    bad = report["results"][3]
+    assert report["episodes"] == 6 and report["errors"]["by_index"] == {"3": bad["error"]}
+    assert bad["task"] == "(no task)" and not bad["success"] and "lost its connection" in bad["error"]
+    assert "(no task)" in report["per_task"] and "(no task)" in table(report)
+
+    chains = SyntheticReach(config).chains(4)
+    clean = long_horizon(scripted(space), SyntheticReach(config), chains, progress=False)
+    got = long_horizon(scripted(space), [Glitchy(config), Glitchy(config)], chains, progress=False)
+    assert got["errors"]["count"] == 1 and "robot_obs" in got["results"][2]["error"]
+    assert got["results"][2]["error"].startswith("the env's observation is unusable")
+    assert sum(got["results"][2]["steps"]) == 3  # the step that returned NaN was the last
+    assert [got["results"][i] for i in (0, 1, 3)] == [clean["results"][i] for i in (0, 1, 3)]
