@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 import traceback
@@ -132,6 +133,9 @@ def _serve(conn: Connection, spec: EnvSpec) -> None:
                 conn.send(reply)
             except OSError:
                 return  # the parent is gone
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                conn.send(("raised", f"the env's answer to {name} cannot be sent back from its worker process "
+                                     f"({describe(exc)}); observations must pickle"))
     finally:
         env.close()
 
@@ -313,8 +317,17 @@ class EnvPool:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_serve, args=(child, self.spec), daemon=True,
                                         name=f"robovla-env-{self.spec.name}")
-        process.start()
-        child.close()  # so that the worker's end closing shows here as EOF
+        try:
+            process.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            parent.close()
+            raise EnvWorkerError(
+                f"env {self.spec.name} cannot be sent to a worker process ({describe(exc)}): its class must be "
+                "importable by module and name in a fresh interpreter (defined at a module's top level) and its "
+                "config picklable; an env that is safe in-process can instead declare safe_in_process = True "
+                "(robo-run eval --workers inline)") from None
+        finally:
+            child.close()  # so that the worker's end closing shows here as EOF
         return _Worker(process, parent)
 
     def _ready(self, worker: _Worker) -> None:

@@ -23,7 +23,7 @@ def test_checks_cover_the_registered_components():
     assert ("action_space", "example-clip", "config_round_trips_through_toml") in ids
     expected = len(testing.CHECKS["head"]) + len(testing.CHECKS["action_space"])
     assert len(testing.cases("robovla-example")) == expected == 16  # 3 for every kind; 7 head, 3 action space checks
-    for kind, module, count in [("action_space", action_spaces, 3), ("env", envs, 2), ("dataset", datasets, 2)]:
+    for kind, module, count in [("action_space", action_spaces, 3), ("env", envs, 3), ("dataset", datasets, 2)]:
         own = [fn.__name__ for fn in testing.CHECKS[kind] if fn.__module__ == module.__name__]
         assert len(own) == count
         assert {(kind, name, fn) for name in robovla.list_components(kind) for fn in own} <= ids
@@ -194,6 +194,22 @@ class UnseededStart(Dot):
         return np.array([5 * k % 16, 7 * k % 16])
 
 
+class SharedClient(Dot):
+    """Like calvin_env's simulator, whose second instance in a process lacks the robot's base:
+    only the first instance built in a process draws a pixel at the corner."""
+
+    built = itertools.count()
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.first = next(self.built) == 0
+
+    def observe(self):
+        observation = super().observe()
+        observation.images["static"][0, 0] = 40 * self.first
+        return observation
+
+
 class PerInstanceChains(Dot):
     """Each instance numbers its chains from its own offset."""
 
@@ -303,7 +319,7 @@ class Checked:
     @robovla.hookimpl
     def register_envs(self, register):
         for name, cls in [("dot", Dot), ("fixed-start", FixedStart), ("unseeded", UnseededStart),
-                          ("per-instance-chains", PerInstanceChains)]:
+                          ("per-instance-chains", PerInstanceChains), ("shared-client", SharedClient)]:
             register(name, cls)
 
     @robovla.hookimpl
@@ -347,6 +363,14 @@ def test_new_checks_fail_on_bad_components(robovla_plugin, kind, name, check, me
     robovla_plugin(Checked(), name="checked", distribution="checked-dist")
     with pytest.raises(AssertionError, match=message):
         check(robovla.get_component(kind, name))
+
+
+def test_the_worker_check_catches_state_shared_within_a_process(robovla_plugin):
+    robovla_plugin(Checked(), name="checked", distribution="checked-dist")
+    SharedClient(SharedClient.Config())  # the first "simulator" of this process
+    with pytest.raises(AssertionError, match="reset\\(0\\) differs in the static image between this process and "
+                                             "a worker process"):
+        envs.env_runs_in_a_worker_process(robovla.get_component("env", "shared-client"))
 
 
 def test_env_checks_run_on_the_calvin_env_over_a_stand_in_simulator(tmp_path):

@@ -164,3 +164,36 @@ def env_chains_are_fixed(component: Component, config: dict[str, Any] | None = N
                                      f"tasks feasible at its start ({', '.join(a.tasks)})")
             assert instruction(component, a, task) == instruction(component, b, task), (
                 f"{name(component)}: chain {i}: start_task({task!r}) gives two instructions")
+
+
+@check("env")
+def env_runs_in_a_worker_process(component: Component, config: dict[str, Any] | None = None) -> None:
+    """The env builds and steps in a spawned worker process, where ``robo-run eval`` runs envs
+    that do not declare ``safe_in_process``, exactly as in this process: its class imports in
+    a fresh interpreter, its observations pickle, and after the same reset and commands the
+    observations are the same (no state shared between instances of one process)."""
+    from robovla.env_workers import EnvPool, EnvSpec, Fault
+
+    here = build(component, config)
+    try:
+        expected = [here.reset(SEEDS[0])]
+        task = here.tasks[0]
+        here.start_task(task)
+        expected += [here.step(STILL.copy()) for _ in range(STEPS)]
+    finally:
+        here.close()
+    with EnvPool(EnvSpec(component.load(), dict(config or {})), 1, processes=True) as pool:
+        begun = pool.call("begin", {0: (SEEDS[0],)})[0]
+        got = [begun if isinstance(begun, Fault) else begun[0]]
+        started = pool.call("start", {0: (task,)})[0]
+        assert not isinstance(started, Fault), f"{name(component)}: start_task in a worker process failed: {started}"
+        got += [pool.call("step", {0: (STILL.copy(),)})[0] for _ in range(STEPS)]
+    for step, (obs, reply) in enumerate(zip(expected, got)):
+        what = f"reset({SEEDS[0]})" if step == 0 else f"step {step} after reset({SEEDS[0]})"
+        assert not isinstance(reply, Fault), f"{name(component)}: {what} in a worker process failed: {reply.message}"
+        theirs = reply if step == 0 else reply[0]
+        diff = differences(obs, theirs)
+        assert not diff, (f"{name(component)}: {what} differs in {', '.join(diff)} between this process and a "
+                          "worker process; keep no state between instances in one process (class or module "
+                          "variables, a shared simulator client), since robo-run eval builds each env in a fresh "
+                          "process")
