@@ -2,13 +2,15 @@
 process, and ``--shard`` processes, measured side by side in one invocation.
 
     python bench/eval_envs.py [--run RUN] [--env synthetic] [--env.FIELD VALUE ...]
-                              [--sequences 32] [--steps 20] [--n 1,2,4] [--rounds 2] [--json]
+                              [--protocol long-horizon|episodes] [--sequences 32] [--steps 20]
+                              [--n 1,2,4] [--rounds 2] [--json]
 
 The policy is a demo run (``robo-run --preset demo``) trained for ``--train-steps`` steps
 into a temporary folder, or the run ``--run`` names. Every variant is one complete
 ``robo-run eval --closed-loop`` of the same ``--sequences`` long-horizon chains with
-``--steps`` env steps per subtask (a fresh process, its startup included: loading the
-policy, spawning workers), on the CPU:
+``--steps`` env steps per subtask, or as many single-task episodes of at most ``--steps``
+steps (a fresh process, its startup included: loading the policy, spawning workers), on
+the CPU:
 
   process N   --envs N --workers process: N worker processes stepped in lockstep, one
               batched policy call per control step in the main process
@@ -78,9 +80,9 @@ def measure(variant: tuple[str, int], base: list[str], out: Path,
         found = re.search(r"env steps in ([0-9.]+) s", err)
         loop = max(loop, float(found.group(1)) if found else float("nan"))
     steps = chains = 0
-    for report in out.rglob("long_horizon*.json"):
+    for report in [*out.rglob("long_horizon*.json"), *out.rglob("episodes.json")]:
         results = json.loads(report.read_text())["results"]
-        steps += sum(sum(r["steps"]) for r in results)
+        steps += sum(sum(r["steps"]) if isinstance(r["steps"], list) else r["steps"] for r in results)
         chains += len(results)
     return wall, loop, steps, chains
 
@@ -98,7 +100,8 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=None, help="the run to evaluate (default: train a demo run)")
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--env", default="synthetic")
-    p.add_argument("--sequences", type=int, default=32)
+    p.add_argument("--protocol", choices=("long-horizon", "episodes"), default="long-horizon")
+    p.add_argument("--sequences", type=int, default=32, help="chains (long-horizon) or episodes to run")
     p.add_argument("--steps", type=int, default=20, help="env steps per subtask")
     p.add_argument("--n", default="1,2,4", help="numbers of envs, comma-separated")
     p.add_argument("--rounds", type=int, default=2)
@@ -110,12 +113,15 @@ def main() -> None:
     from robovla.registry import get_component
 
     safe = get_component("env", args.env).load().safe_in_process
-    variants = [("process", n) for n in ns] + ([("inline", n) for n in ns] if safe else []) + \
-               [("shards", n) for n in ns if n > 1]
+    long = args.protocol == "long-horizon"
+    variants = [("process", n) for n in ns] + [("inline", n) for n in ns if safe]
+    variants += [("shards", n) for n in ns if n > 1 and long]  # shards split chains only
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or train_demo(Path(tmp) / "runs", args.train_steps, env)
-        base = ["eval", "--run", str(run), "--closed-loop", "--env", args.env, *env_flags, "--sequences",
-                str(args.sequences), "--steps", str(args.steps), "--no-progress", "--overwrite"]
+        count = ["--sequences", str(args.sequences)] if long else \
+            ["--protocol", "episodes", "--episodes", str(args.sequences)]
+        base = ["eval", "--run", str(run), "--closed-loop", "--env", args.env, *env_flags, *count, "--steps",
+                str(args.steps), "--no-progress", "--overwrite"]
         measured: dict[tuple[str, int], list[tuple[float, float, int, int]]] = {v: [] for v in variants}
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -134,15 +140,16 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.env}: {args.sequences} chains, {args.steps} steps per subtask, {os.cpu_count()} CPUs, "
-          f"median of {args.rounds} rounds")
+    unit = "chains" if long else "episodes"
+    print(f"{args.env}: {args.sequences} {unit}, {args.steps} steps per {'subtask' if long else 'episode'}, "
+          f"{os.cpu_count()} CPUs, median of {args.rounds} rounds")
     print("wall: the whole command (startup included); loop: the closed loop alone (the slowest shard's)")
     print(f"{'variant':<12} {'wall s':>7} {'loop s':>7} {'env steps':>10} {'steps/s':>8} {'x':>5} "
-          f"{'loop steps/s':>13} {'x':>5} {'chains/s':>9}")
+          f"{'loop steps/s':>13} {'x':>5} {unit + '/s':>11}")
     for row in rows:
         print(f"{row['variant']:<12} {row['wall_s']:>7.1f} {row['loop_s']:>7.1f} {row['env_steps']:>10} "
               f"{row['steps_per_s']:>8.1f} {row['steps_per_s'] / first:>5.2f} {row['loop_steps_per_s']:>13.1f} "
-              f"{row['loop_steps_per_s'] / first_loop:>5.2f} {row['chains_per_s']:>9.2f}")
+              f"{row['loop_steps_per_s'] / first_loop:>5.2f} {row['chains_per_s']:>11.2f}")
 
 
 if __name__ == "__main__":
