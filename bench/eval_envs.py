@@ -42,17 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CLI = "import sys\nfrom robovla.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-
-
-def train_demo(out: Path, steps: int, env: dict[str, str]) -> Path:
-    argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
-            "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
-            "--train.run_name", "demo"]
-    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"training the demo run failed:\n{done.stderr[-3000:]}")
-    return out / "demo"
+from demo_run import CLI, train_demo
 
 
 def commands(variant: tuple[str, int], base: list[str], out: Path) -> list[list[str]]:

@@ -43,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from demo_run import CLI, train_demo
+
 ROOT = Path(__file__).resolve().parent.parent
-CLI = "import sys\nfrom robovla.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 WARMUP = 3  # act requests per client before the timed phase
 
 
@@ -54,16 +55,6 @@ def shim(folder: Path, checkout: Path) -> Path:
     (folder / "robovla").symlink_to(checkout.resolve() / "core")
     (folder / "robovla_plugins").symlink_to(checkout.resolve() / "plugins")
     return folder
-
-
-def train_demo(out: Path, steps: int, env: dict[str, str]) -> Path:
-    argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
-            "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
-            "--train.run_name", "demo"]
-    done = subprocess.run([sys.executable, "-c", CLI, *argv], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"training the demo run failed:\n{done.stderr[-3000:]}")
-    return out / "demo"
 
 
 class Server:
