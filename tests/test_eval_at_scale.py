@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from robovla.policy import Policy
 from robovla.rollout import MAX_RERUNS, evaluate, long_horizon, table
 from robovla_plugins.datasets.calvin.synthetic import CHAIN_SEEDS, SyntheticReach
 
-from helpers import ROBO_RUN, TINY_CNN_LSTM, clean_env, synth_split, train_tiny
+from helpers import ROBO_RUN, ROOT, TINY_CNN_LSTM, clean_env, synth_split, train_tiny
 from test_rollout import ScriptedVLA
 
 FAKE = {"simulator": "fake_calvin:get_env", "max_steps": 15}
@@ -194,8 +195,8 @@ def run(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("runs"), "cnn", training, *TINY_CNN_LSTM, steps=3)
 
 
-def eval_args(run, out, *extra):
-    return ["eval", "--run", str(run), "--closed-loop", "--env", "synthetic", "--env.max_steps", "25",
+def eval_args(run, out, *extra, env=("--env", "synthetic")):
+    return ["eval", "--run", str(run), "--closed-loop", *env, "--env.max_steps", "25",
             "--sequences", "16", "--envs", "2", "--no-progress", "--out", str(out), *extra]
 
 
@@ -203,32 +204,36 @@ def lines(path):
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_report(run, tmp_path, capsys):
-    assert main(eval_args(run, tmp_path / "whole")) == 0
+@pytest.mark.parametrize("which", ["synthetic", "calvin"])
+def test_resume_after_sigkill_gives_the_uninterrupted_report(run, tmp_path, capsys, which):
+    env = ("--env", "synthetic") if which == "synthetic" else \
+        ("--env", "calvin", "--env.path", str(tmp_path), "--env.simulator", FAKE["simulator"])
+    assert main(eval_args(run, tmp_path / "whole", env=env)) == 0
     whole = json.loads((tmp_path / "whole" / "long_horizon.json").read_text())
-    assert whole["sequences"] == 16 and whole["workers"] == "inline"
+    assert whole["sequences"] == 16 and whole["workers"] == ("inline" if which == "synthetic" else "processes")
     log = lines(tmp_path / "whole" / "long_horizon.jsonl")
-    assert json.loads(log[0])["evaluation"]["env"] == "synthetic" and json.loads(log[-1]) == {"finished": 16}
+    assert json.loads(log[0])["evaluation"]["env"] == which and json.loads(log[-1]) == {"finished": 16}
     assert sorted(json.loads(x)["index"] for x in log[1:-1]) == list(range(16))
 
     out = tmp_path / "killed"
-    argv = [str(ROBO_RUN), *eval_args(run, out, "--workers", "process")]
-    process = subprocess.Popen(argv, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [str(ROBO_RUN), *eval_args(run, out, "--workers", "process", env=env)]
+    process = subprocess.Popen(argv, env=clean_env(PYTHONPATH=str(ROOT / "tests")), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(lines(out / "long_horizon.jsonl")) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # waiting for the event: two chains written down
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    stderr = process.communicate()[1]
     before = lines(out / "long_horizon.jsonl")
-    assert process.returncode == -signal.SIGKILL and 3 <= len(before) < 17, (process.returncode, len(before))
+    assert process.returncode == -signal.SIGKILL and 3 <= len(before) < 17, (process.returncode, len(before), stderr)
     assert not (out / "long_horizon.json").exists()
 
     capsys.readouterr()
-    assert main(eval_args(run, out)) == 1  # starting over would lose the chains done
+    assert main(eval_args(run, out, env=env)) == 1  # starting over would lose the chains done
     assert "did not end; continue it with --resume" in capsys.readouterr().err
-    assert main(eval_args(run, out, "--resume", "--seed", "7")) == 2
+    assert main(eval_args(run, out, "--resume", "--seed", "7", env=env)) == 2
     assert "seed: 10000 there, 7 now" in capsys.readouterr().err
-    assert main(eval_args(run, out, "--resume", "--envs", "3")) == 0
+    assert main(eval_args(run, out, "--resume", "--envs", "3", env=env)) == 0
     assert f"resuming {out / 'long_horizon.jsonl'}: {len(before) - 1} results there" in capsys.readouterr().err
     resumed = json.loads((out / "long_horizon.json").read_text())
     assert {**resumed, "workers": None} == {**whole, "workers": None}
@@ -348,3 +353,34 @@ def test_env_faults_in_reset_and_observations_fail_single_episodes_and_chains(sp
     assert got["results"][2]["error"].startswith("the env's observation is unusable")
     assert sum(got["results"][2]["steps"]) == 3  # the step that returned NaN was the last
     assert [got["results"][i] for i in (0, 1, 3)] == [clean["results"][i] for i in (0, 1, 3)]
+
+
+class HangsOnce(SyntheticReach):
+    """The synthetic env, whose 3rd step after reset(CHAIN_SEEDS + 1) never returns, the first time."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.steps = 0
+
+    def reset(self, state=None):
+        self.steps, self.hang = 0, state == CHAIN_SEEDS + 1
+        return super().reset(state)
+
+    def step(self, command):
+        self.steps += 1
+        marker = os.environ.get("ROBOVLA_TEST_HANG_MARKER")
+        if self.hang and self.steps == 3 and marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            threading.Event().wait()  # forever
+        return super().step(command)
+
+
+def test_a_hung_worker_is_stopped_and_its_chain_rerun(space, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBOVLA_TEST_HANG_MARKER", str(tmp_path / "hung"))  # spawned workers inherit it
+    chains = SyntheticReach(SyntheticReach.Config(max_steps=20)).chains(3)
+    expected = long_horizon(scripted(space), SyntheticReach(SyntheticReach.Config(max_steps=20)), chains,
+                            progress=False)
+    with EnvPool(EnvSpec(HangsOnce, {"max_steps": 20}), 2, processes=True, timeout=5) as pool:
+        got = long_horizon(scripted(space), pool, chains, progress=False)
+        assert pool.restarts == 1 and (tmp_path / "hung").exists()
+    assert got == expected
