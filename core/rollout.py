@@ -107,7 +107,7 @@ class _Runner:
         self.on_result, self.recorder = on_result, recorder
         self.running: dict[int, _Run] = {}
         self.results: dict[int, dict[str, Any]] = {}
-        self.failed = 0
+        self.failed, self.score = 0, 0.0  # chains that ended in an error; sum of successes (of lengths)
         self.stepped = False  # whether the policy has been called yet
 
     def run(self, jobs: list[Job], progress: bool, desc: str) -> dict[int, dict[str, Any]]:
@@ -157,15 +157,19 @@ class _Runner:
 
     def step(self) -> None:
         """One control step of every running job: one policy call, then every env at once."""
+        from robovla.policy import ObservationError
+
         slots = sorted(self.running)
-        if self.stepped and getattr(self.policy, "cameras", None) is not None:
+        try:
+            commands = self.act(slots)
+        except ObservationError:  # raised before the policy changed anything: retried without the bad ones
+            if not self.stepped:
+                raise  # at the first step: the env and the policy do not fit (e.g. a camera the env never renders)
             slots = self.usable(slots)
             if not slots:
                 return
-        # the policy raising (it does not fit the env, a bug) ends the evaluation: what finished is kept
+            commands = self.act(slots)
         self.stepped = True
-        commands = self.policy.act_batch([self.running[s].observation for s in slots],
-                                         [self.running[s].instruction for s in slots], keys=slots)
         requests = {}
         for slot, command in zip(slots, commands):
             problem = command_problem(command)
@@ -184,16 +188,20 @@ class _Runner:
             if success or over:
                 run.steps_per_subtask.append(run.steps)
                 run.subtask += int(success)
-            self.film(run, success, over)
+            self.film(run, over)
             if over or run.subtask == len(run.tasks):
                 self.finish(slot)
             elif success:
                 self.begin_subtask(slot)
 
+    def act(self, slots: list[int]) -> Any:
+        """The policy's commands for ``slots``. The policy raising otherwise (a bug, an image it
+        cannot read) ends the evaluation; the results finished before are kept."""
+        return self.policy.act_batch([self.running[s].observation for s in slots],
+                                     [self.running[s].instruction for s in slots], keys=slots)
+
     def usable(self, slots: list[int]) -> list[int]:
-        """The slots whose observation the policy can read; the others' chains fail with the reason.
-        (The first step of an evaluation is not checked here: an env and a policy that do not fit,
-        e.g. a camera the env never renders, end the evaluation with the policy's error.)"""
+        """The slots whose observation the policy can read; the others' chains fail with the reason."""
         from robovla.policy import ObservationError, check_observation
 
         out = []
@@ -240,10 +248,9 @@ class _Runner:
         if self.on_result is not None:
             self.on_result(result)
         self.results[run.job.position] = result
+        self.score += result["success"] if self.episodes else result["completed"]
         self.bar.update(1)
-        done = list(self.results.values())
-        score = np.mean([r["success"] for r in done]) if self.episodes else np.mean([r["completed"] for r in done])
-        self.bar.set_postfix({"success" if self.episodes else "avg_len": f"{score:.2f}",
+        self.bar.set_postfix({"success" if self.episodes else "avg_len": f"{self.score / len(self.results):.2f}",
                               **({"errors": self.failed} if self.failed else {})}, refresh=False)
 
     def result(self, run: _Run) -> dict[str, Any]:
@@ -256,7 +263,7 @@ class _Runner:
                 "completed": run.subtask, "steps": run.steps_per_subtask,
                 "success": [i < run.subtask for i in range(len(run.steps_per_subtask))]}
 
-    def film(self, run: _Run, success: bool, over: bool) -> None:
+    def film(self, run: _Run, over: bool) -> None:
         if self.recorder is None or not self.recorder.wants(run.job):
             return
         marks = [(task, "done" if i < run.subtask else "failed" if i == run.subtask and over else
