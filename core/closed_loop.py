@@ -87,9 +87,8 @@ def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, 
                 recorder.clear(indices[:args.record])  # an earlier evaluation's videos of these chains
             with EnvPool(spec, max(1, min(args.envs, len(todo))), processes, timeout=args.env_timeout) as pool:
                 report = _run(policy, pool, log, args, indices, limit, seed, recorder)
-            report = {**report, "env": spec.name, "env_config": spec.config, "execution": str(policy.execution),
-                      "checkpoint": policy.info.get("checkpoint"), "step": policy.info.get("step"),
-                      **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            report = {**report, **{k: identity[k] for k in ("env", "env_config", "execution", "checkpoint", "step")},
+                      **({"shard": identity["shard"]} if shard else {}),
                       "workers": "processes" if processes else "inline"}
             if args.record:
                 report["videos"] = videos.index(report["results"], out / "videos", args.record, prefix, out)
@@ -146,8 +145,6 @@ def _chains(pool: EnvPool, sequences: int, indices: list[int]) -> list[Any]:
         chains = pool.ask(0, "chains", sequences)
     except NotImplementedError as exc:
         raise RobovlaError(str(exc)) from None
-    except ValueError as exc:
-        raise ConfigError([f"--sequences {sequences}: {exc}"], header="invalid arguments") from None
     return [chains[i] for i in indices]
 
 

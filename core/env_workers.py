@@ -16,7 +16,6 @@ pool, and when this process is gone (on Linux at once, even inside a simulator c
 
 from __future__ import annotations
 
-import builtins
 import multiprocessing
 import os
 import pickle
@@ -113,7 +112,7 @@ def _serve(conn: Connection, spec: EnvSpec) -> None:
     try:
         env = spec.build()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("failed", describe(exc), traceback.format_exc(limit=8)))
+        conn.send(("failed", describe(exc), traceback.format_exc(limit=-8), isinstance(exc, RobovlaError)))
         return
     conn.send(("ready", os.getpid()))
     try:
@@ -266,14 +265,14 @@ class EnvPool:
         return out
 
     def ask(self, slot: int, name: str, *args: Any) -> Any:
-        """One call on one slot; a fault is raised (RobovlaError, or the builtin error type it names)."""
+        """One call on one slot; a fault raises EnvWorkerError naming the env and the call
+        (NotImplementedError stays itself: an env without that part)."""
         reply = self.call(name, {slot: args})[slot]
         if isinstance(reply, Fault):
             kind, _, message = reply.message.partition(": ")
-            builtin = getattr(builtins, kind, None)
-            if isinstance(builtin, type) and issubclass(builtin, Exception) and not reply.died:
-                raise builtin(message)
-            raise RobovlaError(f"env {self.name}: {reply.message}")
+            if kind == "NotImplementedError" and not reply.died:
+                raise NotImplementedError(message)
+            raise EnvWorkerError(f"env {self.name}: {name}{args}: {reply.message}")
         return reply
 
     # --------------------------------------------------------------------- workers
@@ -343,7 +342,8 @@ class EnvPool:
                                  f"({_signal_name(worker.process.exitcode)})") from None
         if reply[0] == "failed":
             worker.process.join(5)
-            raise EnvWorkerError(f"env {self.spec.name} cannot be built in its worker process: {reply[1]}")
+            where = "" if reply[3] else f"\n{reply[2].rstrip()}"  # robovla's own errors say what to fix
+            raise EnvWorkerError(f"env {self.spec.name} cannot be built in its worker process: {reply[1]}{where}")
 
     def _kill(self, slot: int) -> None:
         worker, self.workers[slot] = self.workers[slot], None

@@ -175,8 +175,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where the envs run: each in its own worker process (process), all in this one (inline), "
                         "or auto (default): inline only for envs that declare themselves safe in-process")
     p.add_argument("--env-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="a worker that takes longer for one reset or step is stopped and its chain re-run "
-                        "(default 300)")
+                   help="envs in worker processes: a worker that takes longer for one call (reset, start a task, "
+                        "step) is stopped and its chain re-run (default 300; building an env may take 600)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the interrupted evaluation in the report "
                                                              "folder (its .jsonl) with the same flags")

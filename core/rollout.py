@@ -17,10 +17,12 @@ Several envs (an :class:`robovla.env_workers.EnvPool`, in worker processes or in
 run different chains side by side, stepped in lockstep with one batched policy call per
 control step; sampling heads draw from a generator seeded per chain and subtask (per
 episode), so each result depends on the seed alone, not on how many envs ran or in what
-order. A chain whose policy gives a malformed command (NaN, a wrong shape) or whose env
-raises is recorded as failed with the error and the evaluation goes on (the policy itself
-raising, e.g. for an image it cannot read, ends the evaluation: that is no chain's
-fault, and what finished before is kept); a chain whose
+order. Before the first chain, the env's first start is checked against the cameras the
+policy reads (a misfit ends the evaluation at once). A chain whose policy gives a malformed
+command (NaN, a wrong shape), whose observation the policy cannot read (a NaN state) or
+whose env raises is recorded as failed with the error and the evaluation goes on (the
+policy raising anything else, a bug, ends the evaluation; what finished before is kept);
+a chain whose
 worker process dies is re-run from its start in a fresh worker (at most
 :data:`MAX_RERUNS` times). ``on_result`` sees each result as it ends (robovla.eval_log
 writes them down, so that an interrupted evaluation resumes), and a recorder
@@ -35,7 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from robovla.env import Chain, Env
+from robovla.batch import ROBOT_OBS_DIM
+from robovla.env import Chain, Env, Observation
 from robovla.env_workers import EnvPool, EnvWorkerError, Fault, describe
 from robovla.eval_report import chart, merge_chains, summarize_chains, summarize_episodes, table
 
@@ -108,11 +111,13 @@ class _Runner:
         self.running: dict[int, _Run] = {}
         self.results: dict[int, dict[str, Any]] = {}
         self.failed, self.score = 0, 0.0  # chains that ended in an error; sum of successes (of lengths)
-        self.stepped = False  # whether the policy has been called yet
 
-    def run(self, jobs: list[Job], progress: bool, desc: str) -> dict[int, dict[str, Any]]:
+    def run(self, jobs: list[Job], progress: bool, desc: str, probe: Any) -> dict[int, dict[str, Any]]:
+        """Run ``jobs``; first, ``probe`` (the protocol's first start state, whether or not it is
+        among ``jobs``) checks that the env renders the cameras the policy reads."""
         from tqdm import tqdm
 
+        self.check_fit(probe)
         pending = deque(jobs)
         with tqdm(total=len(jobs), desc=desc, unit="episode" if self.episodes else "chain",
                   disable=not progress) as self.bar:
@@ -152,7 +157,7 @@ class _Runner:
             return self.fault(slot, reply)
         run.instruction = reply
         index = run.job.index
-        self.policy.reset(slot, seed=self.seed * 100_003 + index if self.episodes else
+        self.policy.reset(index, seed=self.seed * 100_003 + index if self.episodes else
                           self.seed * 1_000_003 + index * 101 + run.subtask)
 
     def step(self) -> None:
@@ -162,14 +167,15 @@ class _Runner:
         slots = sorted(self.running)
         try:
             commands = self.act(slots)
-        except ObservationError:  # raised before the policy changed anything: retried without the bad ones
-            if not self.stepped:
-                raise  # at the first step: the env and the policy do not fit (e.g. a camera the env never renders)
-            slots = self.usable(slots)
-            if not slots:
-                return
-            commands = self.act(slots)
-        self.stepped = True
+        except ObservationError:  # raised before the policy changed anything: each slot asked alone
+            commands, kept = [], []
+            for slot in slots:
+                try:
+                    commands.append(self.act([slot])[0])
+                    kept.append(slot)
+                except ObservationError as exc:
+                    self.finish(slot, f"the env's observation is unusable: {exc}")
+            slots = kept
         requests = {}
         for slot, command in zip(slots, commands):
             problem = command_problem(command)
@@ -197,23 +203,21 @@ class _Runner:
     def act(self, slots: list[int]) -> Any:
         """The policy's commands for ``slots``. The policy raising otherwise (a bug, an image it
         cannot read) ends the evaluation; the results finished before are kept."""
-        return self.policy.act_batch([self.running[s].observation for s in slots],
-                                     [self.running[s].instruction for s in slots], keys=slots)
+        runs = [self.running[s] for s in slots]  # the policy keeps each chain under its number
+        return self.policy.act_batch([r.observation for r in runs], [r.instruction for r in runs],
+                                     keys=[r.job.index for r in runs])
 
-    def usable(self, slots: list[int]) -> list[int]:
-        """The slots whose observation the policy can read; the others' chains fail with the reason."""
-        from robovla.policy import ObservationError, check_observation
+    def check_fit(self, state: Any) -> None:
+        """Reset slot 0 to ``state`` and check that its images are what the policy reads (cameras,
+        uint8 [H, W, 3]); an ObservationError (the env and the policy do not fit) ends the
+        evaluation before it starts. Any other fault is left to the chain that starts there."""
+        from robovla.policy import check_observation
 
-        out = []
-        for slot in slots:
-            run = self.running[slot]
-            try:
-                check_observation(run.observation, run.instruction, self.policy.cameras)
-            except ObservationError as exc:
-                self.finish(slot, f"the env's observation is unusable: {exc}")
-            else:
-                out.append(slot)
-        return out
+        cameras = getattr(self.policy, "cameras", None)
+        reply = self.pool.call("begin", {0: (state,)})[0]
+        if cameras is not None and not isinstance(reply, Fault) and isinstance(reply[0], Observation):
+            shown = Observation(images=reply[0].images, robot_obs=np.zeros(ROBOT_OBS_DIM))
+            check_observation(shown, "", cameras, where="the env's first observation")
 
     def fault(self, slot: int, fault: Fault) -> None:
         """A slot's call failed: re-run the job in a fresh worker when the worker died, else fail it."""
@@ -230,7 +234,7 @@ class _Runner:
                                      "killing its worker")
         self.bar.write(f"{fault.message}; re-running {'episode' if self.episodes else 'chain'} {run.job.index} "
                        "from its start in a fresh worker")
-        self.policy.drop(slot)
+        self.policy.drop(run.job.index)
         self.start(slot, _Run(run.job, reruns=run.reruns + 1))  # the recorder films it again from its start
 
     def finish(self, slot: int, error: str | None = None) -> None:
@@ -242,7 +246,7 @@ class _Runner:
             result["error"] = error
             self.failed += 1
             self.bar.write(f"{'episode' if self.episodes else 'chain'} {run.job.index} failed: {error.splitlines()[0]}")
-        self.policy.drop(slot)
+        self.policy.drop(run.job.index)
         if self.recorder is not None:
             self.recorder.end(run.job, result)
         if self.on_result is not None:
@@ -307,7 +311,7 @@ def long_horizon(policy: Any, envs: Env | list[Env] | EnvPool, chains: list[Chai
     done = done or {}
     jobs = [Job(p, i, c.state, tuple(c.tasks)) for p, (i, c) in enumerate(zip(indices, chains)) if i not in done]
     runner = _Runner(policy, pool, limit, seed, False, on_result, recorder)
-    fresh = runner.run(jobs, progress, "long-horizon chains")
+    fresh = runner.run(jobs, progress, "long-horizon chains", probe=chains[0].state)
     results = [fresh[p] if i not in done else done[i] for p, i in enumerate(indices)]
     return summarize_chains(results, limit)
 
@@ -329,6 +333,7 @@ def evaluate(policy: Any, env: Env | list[Env] | EnvPool, episodes: int, seed: i
     limit = episode_max_steps(pool, max_steps)
     done = done or {}
     jobs = [Job(e, e, seed + e, None) for e in range(episodes) if e not in done]
-    fresh = _Runner(policy, pool, limit, seed, True, on_result, recorder).run(jobs, progress, "closed loop")
+    fresh = _Runner(policy, pool, limit, seed, True, on_result, recorder).run(jobs, progress, "closed loop",
+                                                                              probe=seed)
     results = [fresh[e] if e not in done else done[e] for e in range(episodes)]
     return summarize_episodes(results, limit, seed)

@@ -53,7 +53,7 @@ class Recorder:
         self.folder, self.count, self.prefix, self.fps = Path(folder), count, prefix, fps
         self.folder.mkdir(parents=True, exist_ok=True)
         self.open: dict[int, tuple[Any, Any, Path]] = {}  # job index -> (container, stream, partial path)
-        self.band: tuple[Any, Any] = (None, None)  # (what it shows, the last text band drawn)
+        self.bands: dict[int, tuple[Any, Any]] = {}  # job index -> (what it shows, its text band drawn)
         from PIL import ImageFont
 
         try:
@@ -87,6 +87,7 @@ class Recorder:
             container.mux(packet)
 
     def end(self, job: Any, result: dict[str, Any]) -> None:
+        self.bands.pop(job.index, None)
         entry = self.open.pop(job.index, None)
         if entry is None:
             return
@@ -97,6 +98,7 @@ class Recorder:
         os.replace(partial, self.folder / video_name(self.prefix, job.index))
 
     def discard(self, job: Any) -> None:
+        self.bands.pop(job.index, None)
         entry = self.open.pop(job.index, None)
         if entry:
             entry[0].close()
@@ -131,10 +133,10 @@ class Recorder:
         for tile in tiles:
             canvas.paste(tile, (x, 0))
             x += tile.width
-        key = (width, index, instruction, tuple(marks))
-        if self.band[0] != key:  # the band changes once per subtask: drawn then, reused for its frames
-            self.band = (key, self.draw_band(width, index, instruction, marks))
-        return np.concatenate([np.asarray(canvas), self.band[1]])
+        key = (width, instruction, tuple(marks))
+        if self.bands.get(index, (None,))[0] != key:  # it changes once per subtask: drawn then, reused
+            self.bands[index] = (key, self.draw_band(width, index, instruction, marks))
+        return np.concatenate([np.asarray(canvas), self.bands[index][1]])
 
     def draw_band(self, width: int, index: int, instruction: str, marks: list[tuple[str, str]]) -> np.ndarray:
         """The text band under the images: uint8 [BAND, width, 3]."""

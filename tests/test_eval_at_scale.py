@@ -94,8 +94,8 @@ def test_n_workers_give_the_per_chain_results_of_one(space, tmp_path):
 
 
 class Killer:
-    """Wraps a policy; at its ``at``-th call it kills the worker of slot 0 (every time chain
-    ``every`` runs there, when set)."""
+    """Wraps a policy; at its ``at``-th call it kills the worker of slot 0 (or, with ``every``
+    set, at the ``at``-th step of every run of that chain; the test runs one worker)."""
 
     def __init__(self, policy, pool, at=3, every=None):
         self.policy, self.pool, self.at, self.every, self.calls, self.killed = policy, pool, at, every, 0, []
@@ -112,8 +112,8 @@ class Killer:
         self.calls += 1
         for key in keys:
             self.steps[key] += 1
-        chain_zero = 0 in keys and self.seed[0] // 101 == self.every and self.steps[0] == self.at
-        if (self.every is None and self.calls == self.at) or (self.every is not None and chain_zero):
+        chain = self.every in keys and self.steps[self.every] == self.at  # the policy's keys: chain numbers
+        if (self.every is None and self.calls == self.at) or (self.every is not None and chain):
             self.killed.append(self.pool.pids[0])
             os.kill(self.pool.pids[0], signal.SIGKILL)
         return self.policy.act_batch(observations, instructions, keys)
@@ -321,14 +321,17 @@ def test_record_without_pyav_says_how_to_install_it(run, tmp_path, capsys, monke
 
 
 class Glitchy(SyntheticReach):
-    """The synthetic env, but reset(13) raises and, from the 3rd step after reset(CHAIN_SEEDS + 2),
-    robot_obs is NaN (a physics blow-up)."""
+    """The synthetic env, but reset(13) raises, reset(CHAIN_SEEDS + 3) gives a NaN robot_obs and,
+    from the 3rd step after reset(CHAIN_SEEDS + 2), robot_obs is NaN (a physics blow-up)."""
 
     def reset(self, state=None):
         if state == 13:
             raise RuntimeError("the simulator lost its connection")
         self.steps, self.glitch = 0, state == CHAIN_SEEDS + 2
-        return super().reset(state)
+        observation = super().reset(state)
+        if state == CHAIN_SEEDS + 3:
+            observation.robot_obs = np.full(15, np.nan)
+        return observation
 
     def step(self, command):
         observation = super().step(command)
@@ -346,13 +349,30 @@ def test_env_faults_in_reset_and_observations_fail_single_episodes_and_chains(sp
     assert bad["task"] == "(no task)" and not bad["success"] and "lost its connection" in bad["error"]
     assert "(no task)" in report["per_task"] and "(no task)" in table(report)
 
-    chains = SyntheticReach(config).chains(4)
+    chains = SyntheticReach(config).chains(5)
     clean = long_horizon(scripted(space), SyntheticReach(config), chains, progress=False)
     got = long_horizon(scripted(space), [Glitchy(config), Glitchy(config)], chains, progress=False)
-    assert got["errors"]["count"] == 1 and "robot_obs" in got["results"][2]["error"]
+    assert got["errors"]["count"] == 2 and "robot_obs" in got["results"][2]["error"]
     assert got["results"][2]["error"].startswith("the env's observation is unusable")
     assert sum(got["results"][2]["steps"]) == 3  # the step that returned NaN was the last
-    assert [got["results"][i] for i in (0, 1, 3)] == [clean["results"][i] for i in (0, 1, 3)]
+    assert got["results"][3]["steps"] == [0] and "robot_obs" in got["results"][3]["error"]  # NaN from reset
+    assert [got["results"][i] for i in (0, 1, 4)] == [clean["results"][i] for i in (0, 1, 4)]
+    for n in (1, 4):  # whatever runs beside a broken chain, and whichever chain runs first
+        assert long_horizon(scripted(space), [Glitchy(config) for _ in range(n)], chains, progress=False) == got
+    assert long_horizon(scripted(space), Glitchy(config), chains, progress=False,
+                        done={0: got["results"][0], 1: got["results"][1]}) == got  # a resumed one
+
+
+class BrokenBuild(SyntheticReach):
+    def __init__(self, config):
+        super().__init__(config)
+        {}["calibration"]  # a bug in an env's constructor
+
+
+def test_an_env_that_cannot_be_built_in_its_worker_shows_where(tmp_path):
+    with pytest.raises(robovla.RobovlaError, match=r"(?s)cannot be built in its worker process: KeyError: "
+                                                   r"'calibration'\n.*Traceback.*in __init__"):
+        EnvPool(EnvSpec(BrokenBuild, {}), 2, processes=True)
 
 
 class HangsOnce(SyntheticReach):
