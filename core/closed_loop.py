@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from robovla import config as cfg
@@ -63,15 +62,15 @@ def closed_loop(policy: Any, spec: EnvSpec, args: argparse.Namespace, run: Any, 
     from robovla.eval_log import EvalLog
 
     long = args.protocol == "long-horizon"
-    stem = ("long_horizon" if long else "episodes") + (f"-shard-{shard[0]}-of-{shard[1]}" if shard else "")
     prefix = "long_horizon" if long else "episodes"
+    stem = prefix + (f"-shard-{shard[0]}-of-{shard[1]}" if shard else "")
     if shard is not None and not long:
         raise ConfigError(["--shard: shards split long-horizon chains; single-task episodes run with --envs N"],
                           header="invalid arguments")
     processes = use_processes(spec, args.workers, args.envs)
     seed = run.train.eval_seed if args.seed is None else args.seed
     try:
-        limit = rollout.episode_max_steps(SimpleNamespace(config=spec.validated(), name=spec.name), args.steps)
+        limit = rollout.episode_max_steps(spec.validated(), args.steps, spec.name)
     except ValueError as exc:
         raise ConfigError([f"--steps: {exc}"], header="invalid arguments") from None
     identity = {"protocol": args.protocol, "env": spec.name, "env_config": spec.config,

@@ -61,12 +61,7 @@ class EnvSpec:
         return validate_component("env", self.name, self.env_class().Config, dict(self.config))
 
     def build(self) -> Env:
-        from robovla.config import validate_component
-        from robovla.registry import create
-
-        if isinstance(self.env, str):
-            return create("env", self.env, dict(self.config))
-        return self.env(validate_component("env", self.name, self.env.Config, dict(self.config)))
+        return self.env_class()(self.validated())
 
 
 @dataclass(frozen=True)
@@ -105,6 +100,14 @@ CALLS: dict[str, Callable[..., Any]] = {
 }
 
 
+def _answer(env: Env, name: str, args: tuple) -> tuple[str, Any]:
+    """Call ``name`` on ``env``: ("ok", value), or ("raised", "Type: message") when the env raised."""
+    try:
+        return "ok", CALLS[name](env, *args)
+    except Exception as exc:  # noqa: BLE001 - a slot's fault, answered in its place
+        return "raised", describe(exc)
+
+
 def _serve(conn: Connection, spec: EnvSpec) -> None:
     """A worker process: build the env, then answer calls until told to stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes the pool
@@ -124,10 +127,7 @@ def _serve(conn: Connection, spec: EnvSpec) -> None:
             if message is None:
                 return
             name, args = message
-            try:
-                reply = ("ok", CALLS[name](env, *args))
-            except Exception as exc:  # noqa: BLE001 - a slot's fault, answered in its place
-                reply = ("raised", describe(exc))
+            reply = _answer(env, name, args)
             try:
                 conn.send(reply)
             except OSError:
@@ -151,6 +151,11 @@ def _die_with_parent() -> None:
         pass
     if os.getppid() == 1:  # the parent ended before the call above
         os._exit(0)
+
+
+def _value(reply: tuple[str, Any]) -> Any:
+    """An answer's value, or the Fault of an env that raised."""
+    return reply[1] if reply[0] == "ok" else Fault(reply[1])
 
 
 @dataclass
@@ -232,13 +237,7 @@ class EnvPool:
     def call(self, name: str, requests: dict[int, tuple]) -> dict[int, Any]:
         """Run call ``name`` with each slot's arguments; per slot, its value or a :class:`Fault`."""
         if not self.processes:
-            out = {}
-            for slot, args in requests.items():
-                try:
-                    out[slot] = CALLS[name](self.envs[slot], *args)
-                except Exception as exc:  # noqa: BLE001 - the slot's fault
-                    out[slot] = Fault(describe(exc))
-            return out
+            return {slot: _value(_answer(self.envs[slot], name, args)) for slot, args in requests.items()}
         out, waiting = {}, {}
         for slot, args in requests.items():
             worker = self.workers[slot]
@@ -261,7 +260,7 @@ class EnvPool:
                 except (EOFError, OSError):
                     out[slot] = self._died(slot, name)
                     continue
-                out[slot] = reply[1] if reply[0] == "ok" else Fault(reply[1])
+                out[slot] = _value(reply)
         return out
 
     def ask(self, slot: int, name: str, *args: Any) -> Any:

@@ -50,13 +50,12 @@ MAX_RERUNS = 2
 recorded as failed with the error."""
 
 
-def episode_max_steps(env: Env | EnvPool | Any, max_steps: int | None) -> int:
-    """``max_steps``, or the env config's ``max_steps`` (``env``: an Env, a pool, anything with
-    ``config`` and ``name``); an error when neither is there."""
+def episode_max_steps(config: Any, max_steps: int | None, name: str) -> int:
+    """``max_steps``, or the env config's ``max_steps`` (``name``: the env's, for the error);
+    an error when neither is there."""
     if max_steps is None:
-        max_steps = getattr(env.config, "max_steps", None)
+        max_steps = getattr(config, "max_steps", None)
         if max_steps is None:
-            name = type(env).__name__ if isinstance(env, Env) else env.name
             raise ValueError(f"{name} has no config.max_steps; pass max_steps= (robo-run eval --steps N): the steps a "
                              "policy gets per task before it counts as failed")
     if int(max_steps) < 1:
@@ -117,7 +116,8 @@ class _Runner:
         among ``jobs``) checks that the env renders the cameras the policy reads."""
         from tqdm import tqdm
 
-        self.check_fit(probe)
+        if jobs:
+            self.check_fit(probe)
         pending = deque(jobs)
         with tqdm(total=len(jobs), desc=desc, unit="episode" if self.episodes else "chain",
                   disable=not progress) as self.bar:
@@ -133,7 +133,6 @@ class _Runner:
 
     def start(self, slot: int, run: _Run) -> None:
         """Reset the slot's env to the job's start and begin its first subtask."""
-        run.subtask, run.steps, run.steps_per_subtask = 0, 0, []
         self.running[slot] = run
         if self.recorder is not None:
             self.recorder.begin(run.job)
@@ -304,7 +303,7 @@ def long_horizon(policy: Any, envs: Env | list[Env] | EnvPool, chains: list[Chai
     pool = _pool(envs)
     if not chains:
         raise ValueError("long_horizon needs at least one chain")
-    limit = episode_max_steps(pool, steps_per_task)
+    limit = episode_max_steps(pool.config, steps_per_task, pool.name)
     indices = list(range(len(chains))) if indices is None else list(indices)
     if len(indices) != len(chains):
         raise ValueError(f"{len(indices)} indices for {len(chains)} chains")
@@ -330,7 +329,7 @@ def evaluate(policy: Any, env: Env | list[Env] | EnvPool, episodes: int, seed: i
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     pool = _pool(env)
-    limit = episode_max_steps(pool, max_steps)
+    limit = episode_max_steps(pool.config, max_steps, pool.name)
     done = done or {}
     jobs = [Job(e, e, seed + e, None) for e in range(episodes) if e not in done]
     fresh = _Runner(policy, pool, limit, seed, True, on_result, recorder).run(jobs, progress, "closed loop",
