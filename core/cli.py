@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from robovla import config as cfg
+from robovla.flags import read_flag
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError
 from robovla.registry import registry, summary
@@ -56,7 +57,7 @@ def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str
         if token in SWITCHES:
             run[token[2:]], i = "true", i + 1
             continue
-        key, value_or_none, i = cfg.read_flag(argv, i)
+        key, value_or_none, i = read_flag(argv, i)
         if f"--{key}" in RUN_FLAGS:
             if not value_or_none:
                 raise ConfigError([f"--{key}: needs a value"], header="cannot parse the command line")

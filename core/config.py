@@ -17,7 +17,6 @@ whose lines use the command-line spelling and say which source gave the value.
 
 from __future__ import annotations
 
-import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +25,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError, unknown
+from robovla.flags import NONE, coerce_cli, is_bool
 from robovla.preflight import MAX_RUN_NAME, check_run_name
 
 RUN_KINDS = ("backbone", "head", "dataset", "action_space")
@@ -149,7 +149,6 @@ class LoraConfig(ComponentConfig):
 
 SECTIONS: dict[str, type[ComponentConfig]] = {"train": TrainConfig, "fabric": FabricConfig, "lora": LoraConfig}
 META = "meta"  # written into saved configs (versions, providers); ignored when read back
-NONE = "none"  # how files and flags spell None; accepted by every optional field
 
 
 def flag(section: str, field: str | None = None) -> str:
@@ -231,58 +230,6 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
     return data, origin
 
 
-def read_flag(argv: list[str], i: int) -> tuple[str, str | None, int]:
-    """The flag at ``argv[i]`` (a token starting with ``--``) as (key, value, index of the next
-    token): ``--key value``, ``--key=value``, or a bare ``--key`` when the next token is another
-    flag or there is none (value None, which means true for a yes/no field)."""
-    key, eq, value = argv[i][2:].partition("=")
-    if eq:
-        return key, value, i + 1
-    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-        return key, argv[i + 1], i + 2
-    return key, None, i + 1
-
-
-def section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str | None]]]:
-    """Take the ``--SECTION.FIELD`` flags out of ``argv`` (grammar: :func:`read_flag`):
-    (the other tokens, [("SECTION.FIELD", value)]) for :func:`cli_layer`."""
-    rest, flags, i = [], [], 0
-    while i < len(argv):
-        if argv[i].startswith(f"--{section}."):
-            key, value, i = read_flag(argv, i)
-            flags.append((key, value))
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest, flags
-
-
-def _coerce_cli(annotation: Any, text: str) -> Any:
-    """Turn a command-line string into what the field's type expects where pydantic won't:
-    lists, written ``a,b`` or as TOML ``["a", "b"]``. (``none`` is handled for every source
-    in :func:`validate_section`.)"""
-    args = typing.get_args(annotation)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
-        if text in literals or (text.lower() == NONE and type(None) in args):
-            return text
-        sequence = next((a for a in args if (typing.get_origin(a) or a) in (list, tuple, set)), None)
-        return text if sequence is None else _coerce_cli(sequence, text)
-    if (origin or annotation) in (list, tuple, set):
-        if text.startswith("["):
-            from robovla.registry_file import toml_value
-
-            return toml_value(text)
-        return [t.strip() for t in text.split(",") if t.strip()]
-    return text
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
-                                  and bool in typing.get_args(annotation))
-
-
 def cli_layer(flags: list[tuple[str, str | None]], models: dict[str, type[BaseModel]]) -> tuple[dict, list[str]]:
     """``[("train.lr", "1e-4"), ("head", "lstm")]`` -> ``{"train": {"lr": "1e-4"}, "head": {"name": "lstm"}}``.
 
@@ -302,14 +249,14 @@ def cli_layer(flags: list[tuple[str, str | None]], models: dict[str, type[BaseMo
         model = models.get(section)
         info = model.model_fields.get(field_name) if model is not None else None
         if text is None:
-            if info is not None and _is_bool(info.annotation):
+            if info is not None and is_bool(info.annotation):
                 text = "true"
             elif model is not None and (info is not None or field_name == "name"):
                 problems.append(f"{flag(section, None if field_name == 'name' else field_name)}: needs a value")
                 continue
             else:
                 text = "true"  # an unknown section or field: reported by validate()
-        layer.setdefault(section, {})[field_name] = _coerce_cli(info.annotation, text) if info else text
+        layer.setdefault(section, {})[field_name] = coerce_cli(info.annotation, text) if info else text
     return layer, problems
 
 

@@ -199,8 +199,9 @@ def main(argv: list[str]) -> int:
     from robovla import rollout
     from robovla.checkpoint import run_config
     from robovla.closed_loop import closed_loop, env_spec, merge
+    from robovla.flags import section_flags
 
-    argv, env_fields = cfg.section_flags(argv, "env")
+    argv, env_fields = section_flags(argv, "env")
     args = parser().parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)

@@ -1,0 +1,64 @@
+"""The command-line grammar of every ``--SECTION.FIELD`` flag, shared by ``robo-run`` and its
+subcommands: ``--key value``, ``--key=value``, a bare ``--key`` (true for a yes/no field),
+lists written ``a,b`` or as TOML ``["a", "b"]``, and ``none`` for an optional field.
+:func:`robovla.config.cli_layer` turns the flags into a config layer."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+NONE = "none"  # how files and flags spell None; accepted by every optional field
+
+
+def read_flag(argv: list[str], i: int) -> tuple[str, str | None, int]:
+    """The flag at ``argv[i]`` (a token starting with ``--``) as (key, value, index of the next
+    token): ``--key value``, ``--key=value``, or a bare ``--key`` when the next token is another
+    flag or there is none (value None, which means true for a yes/no field)."""
+    key, eq, value = argv[i][2:].partition("=")
+    if eq:
+        return key, value, i + 1
+    if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+        return key, argv[i + 1], i + 2
+    return key, None, i + 1
+
+
+def section_flags(argv: list[str], section: str) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """Take the ``--SECTION.FIELD`` flags out of ``argv`` (grammar: :func:`read_flag`):
+    (the other tokens, [("SECTION.FIELD", value)]) for :func:`cli_layer`."""
+    rest, flags, i = [], [], 0
+    while i < len(argv):
+        if argv[i].startswith(f"--{section}."):
+            key, value, i = read_flag(argv, i)
+            flags.append((key, value))
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, flags
+
+
+def coerce_cli(annotation: Any, text: str) -> Any:
+    """Turn a command-line string into what the field's type expects where pydantic won't:
+    lists, written ``a,b`` or as TOML ``["a", "b"]``. (``none`` is handled for every source
+    in :func:`validate_section`.)"""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        literals = [v for a in args if typing.get_origin(a) is Literal for v in typing.get_args(a)]
+        if text in literals or (text.lower() == NONE and type(None) in args):
+            return text
+        sequence = next((a for a in args if (typing.get_origin(a) or a) in (list, tuple, set)), None)
+        return text if sequence is None else coerce_cli(sequence, text)
+    if (origin or annotation) in (list, tuple, set):
+        if text.startswith("["):
+            from robovla.registry_file import toml_value
+
+            return toml_value(text)
+        return [t.strip() for t in text.split(",") if t.strip()]
+    return text
+
+
+def is_bool(annotation: Any) -> bool:
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and bool in typing.get_args(annotation))
