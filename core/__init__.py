@@ -23,6 +23,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 _LAZY = {
     "Backbone": "robovla.backbone", "TextTokens": "robovla.backbone",
+    "PromptedBackbone": "robovla.prompt", "PromptConfig": "robovla.prompt",
     "PolicyHead": "robovla.head", "Dims": "robovla.head", "Prediction": "robovla.head",
     "ActionSpace": "robovla.action_space",
     "Dataset": "robovla.dataset", "Segment": "robovla.dataset", "Frames": "robovla.dataset",
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from robovla.client import PolicyClient
     from robovla.convert import Conversion, Converter
     from robovla.policy import Execution, Policy
+    from robovla.prompt import PromptConfig, PromptedBackbone
 
 
 def __getattr__(name: str):

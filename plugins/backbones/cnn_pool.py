@@ -57,7 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from robovla.backbone import ROLE_IMAGE, ROLE_LRN, ROLE_TEXT
-from robovla_plugins.backbones.prompt import PromptConfig, PromptedBackbone
+from robovla.prompt import PromptConfig, PromptedBackbone
 
 PAD, BOS, EOS = 0, 1, 2  # ids of the special tokens; words take 3 .. vocab_buckets - 1
 WORD = re.compile(r"[a-z0-9]+")

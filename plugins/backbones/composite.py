@@ -17,8 +17,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from robovla.prompt import PromptConfig, PromptedBackbone
 from robovla_plugins.backbones.hf import BackboneLoadError, char_tokenizer, checkpointing, resolve, token_ids
-from robovla_plugins.backbones.prompt import PromptConfig, PromptedBackbone
 
 SIZES = {  # (LM width, LM layers, encoder width, encoder layers, image px)
     "tiny": (64, 2, 32, 2, 32),

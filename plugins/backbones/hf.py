@@ -25,7 +25,7 @@ from pydantic import Field
 
 import robovla
 from robovla import registry_file
-from robovla_plugins.backbones.prompt import PromptedBackbone
+from robovla.prompt import PromptedBackbone
 
 
 class BackboneLoadError(robovla.RobovlaError, OSError):
