@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 import traceback
 from collections.abc import Callable
@@ -78,12 +79,13 @@ def describe(value: Any) -> str:
 
 def place(exc: BaseException) -> str:
     """Where ``exc`` was raised: the innermost frame outside torch and robovla's own code."""
-    skip = [str(Path(torch.__file__).parent), str(Path(robovla.__file__).parent)]
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(tuple(skip))]
+    skip = tuple(str(Path(package.__file__).parent) + os.sep for package in (torch, robovla))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
     return f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
 
 
 def hint(text: str) -> str:
+    """What to change, for the error messages :data:`HINTS` knows ("" for others)."""
     return "".join(f"\n  hint: {fix}" for pattern, fix in HINTS if re.search(pattern, text))
 
 
