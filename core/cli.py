@@ -68,8 +68,15 @@ def parse_run_args(argv: list[str]) -> tuple[dict[str, str], list[tuple[str, str
 
 
 def resolve(argv: list[str]) -> cfg.RunConfig:
+    """The run ``argv`` describes; what a later source discarded is printed first (stderr), so that
+    a preset's setting never disappears unsaid (``--preset demo --head mlp`` drops the demo's head)."""
     run, flags, _ = parse_run_args(argv)
-    return cfg.resolve(run.get("preset"), run.get("config"), flags)
+    notes: list[str] = []
+    resolved = cfg.resolve(run.get("preset"), run.get("config"), flags, notes)  # invalid: its errors alone
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for note in notes:
+            print(f"robo-run: note: {note}", file=sys.stderr)
+    return resolved
 
 
 # ------------------------------------------------------------------------- help text
@@ -152,13 +159,18 @@ def cmd_train(argv: list[str]) -> int:
     if accept_changes and resume is None:
         raise ConfigError(["--accept-changes only applies to --resume RUN_DIR"], header="cannot parse the command line")
     if resume is not None:
-        if flags or set(run_args) - {"resume", "accept-changes"}:
-            extra = [f"--{k}" for k in run_args if k not in ("resume", "accept-changes")] + [f"--{k}" for k, _ in flags]
-            raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
-                               "(start a new run to change the configuration)"], header="cannot resume")
-        from robovla.checkpoint import run_config
+        from robovla import runs
 
-        run = cfg.resolve(cfg.NONE, run_config(resume, f"--resume {resume}", header="cannot resume"), [])
+        extra = [f"--{k}" for k in run_args if k not in ("resume", "accept-changes")] + \
+            [f"--{k}" for k, _ in flags if k not in runs.EXTEND]
+        if extra:
+            raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
+                               "(start a new run to change the configuration; on resume only "
+                               f"{', '.join('--' + k for k in runs.EXTEND)} may be raised)"], header="cannot resume")
+        run, finished = runs.resumed(Path(resume), flags, accept_changes)
+        if finished:
+            print(f"robo-run: {finished}")
+            return 0
     else:
         run = resolve(argv)
     from robovla import preflight
@@ -167,12 +179,29 @@ def cmd_train(argv: list[str]) -> int:
     from robovla.train import Interrupted, train
 
     try:
-        train(run, config_toml(run), resume=None if resume is None else Path(resume), overwrite=overwrite,
-              accept_changes=accept_changes)
+        run_dir = train(run, config_toml(run), resume=None if resume is None else Path(resume), overwrite=overwrite,
+                        accept_changes=accept_changes)
     except Interrupted as exc:
         print(f"robo-run: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    from robovla.runs import started_rank
+
+    if started_rank() == 0:
+        print(next_commands(run, run_dir))
     return 0
+
+
+def next_commands(run: cfg.RunConfig, run_dir: Path) -> str:
+    """What one does with a finished run, as commands to copy."""
+    env = f" --env {run.train.eval_env}" if run.train.eval_env else ""
+    longer = f"--train.max_steps {2 * run.train.max_steps}" if run.train.max_steps else \
+        f"--train.epochs {2 * run.train.epochs:g}"
+    rows = [(f"robo-run eval --run {run_dir}{env}", "offline metrics and closed-loop evaluation"),
+            (f"robo-run serve --run {run_dir}", "a policy server (robovla.client.PolicyClient)"),
+            (f"robo-run --resume {run_dir} {longer}", "train it longer"),
+            (f"python -c 'import robovla; print(robovla.Policy.from_run(\"{run_dir}\"))'", "the policy in Python")]
+    width = max(len(command) for command, _ in rows)
+    return "\n".join([f"run saved in {run_dir}. Next:"] + [f"  {c:<{width}}  # {w}" for c, w in rows])
 
 
 def plugin_rows() -> list[dict[str, Any]]:

@@ -65,7 +65,9 @@ class PolicyClient:
 
     def act(self, images: dict[str, np.ndarray], robot_obs: np.ndarray, instruction: str) -> np.ndarray:
         """One control step: the command float64 [A] for these camera images and robot state."""
-        body = encode_observation(images, robot_obs, instruction)
+        wanted = self.metadata.get("cameras")  # only what the policy reads travels
+        body = encode_observation({c: v for c, v in images.items() if wanted is None or c in wanted}, robot_obs,
+                                  instruction)
         return decode_action(self._request("POST", f"/sessions/{self.session}/act", body, NPZ))
 
     def close(self) -> None:

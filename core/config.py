@@ -25,7 +25,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError, unknown
-from robovla.flags import NONE, coerce_cli, is_bool
+from robovla.flags import NONE, coerce_cli, is_bool, shown
 from robovla.preflight import MAX_RUN_NAME, check_run_name
 
 RUN_KINDS = ("backbone", "head", "dataset", "action_space")
@@ -208,8 +208,18 @@ def read_none(value: Any) -> Any:
 Layer = tuple[str, dict[str, dict[str, Any]]]  # (source label, {section: {field: value}})
 
 
-def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
-    """Merge sources (later wins) and remember which source set each value."""
+class Dropped(typing.NamedTuple):
+    """Fields of one source that a later source's choice of another component discarded."""
+    section: str
+    old: tuple[str, str]  # (component name, source label)
+    new: tuple[str, str]
+    values: dict[str, Any]
+
+
+def merge(layers: list[Layer], dropped: list[Dropped] | None = None,
+          ) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], str]]:
+    """Merge sources (later wins) and remember which source set each value; fields discarded
+    because a later source chose another component are appended to ``dropped``."""
     data: dict[str, dict[str, Any]] = {}
     origin: dict[tuple[str, str], str] = {}
     for label, layer in layers:
@@ -222,7 +232,12 @@ def merge(layers: list[Layer]) -> tuple[dict[str, dict[str, Any]], dict[tuple[st
                 continue
             current = data.get(section)
             other = current.get("name") not in (None, values["name"]) if "name" in values and isinstance(current, dict) else False
+            if other and dropped is not None and len(current) > 1:
+                dropped.append(Dropped(section, (current["name"], origin[(section, "name")]), (values["name"], label),
+                                       {k: v for k, v in current.items() if k != "name"}))
             if not isinstance(current, dict) or other:
+                for key in current if other else ():
+                    del origin[(section, key)]
                 current = data[section] = {}  # another component: its predecessor's fields do not apply
             for field_name, value in values.items():
                 current[field_name] = value
@@ -258,12 +273,6 @@ def cli_layer(flags: list[tuple[str, str | None]], models: dict[str, type[BaseMo
                 text = "true"  # an unknown section or field: reported by validate()
         layer.setdefault(section, {})[field_name] = coerce_cli(info.annotation, text) if info else text
     return layer, problems
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """``repr(value)``, cut to ``limit`` characters for messages (a 5,000-character flag stays readable)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel], origin: dict) -> list[str]:
@@ -372,10 +381,11 @@ def validate(data: dict[str, dict[str, Any]], origin: dict[tuple[str, str], str]
 
 
 def resolve(preset: str | None = None, config_file: str | Path | None = None,
-            flags: list[tuple[str, str | None]] = ()) -> RunConfig:
+            flags: list[tuple[str, str | None]] = (), notes: list[str] | None = None) -> RunConfig:
     """Compose defaults, preset, config file and flags into a validated :class:`RunConfig`.
 
-    ``preset`` None means registry.toml's default preset; ``"none"`` means no preset.
+    ``preset`` None means registry.toml's default preset; ``"none"`` means no preset. ``notes``
+    receives what a later source discarded (:func:`discarded`), for the command to print.
     """
     from robovla import registry_file
 
@@ -386,12 +396,53 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         layers.append((f"preset {preset}", registry_file.preset(preset)))
     if config_file is not None:
         layers.append((f"config file {config_file}", registry_file.read_toml(Path(config_file), "--config")))
-    return compose(layers, flags)
+    return compose(layers, flags, notes)
 
 
-def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = ()) -> RunConfig:
-    """``layers`` (later wins), then command-line ``flags`` on top, into a validated :class:`RunConfig`."""
+def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = (), notes: list[str] | None = None,
+            ) -> RunConfig:
+    """``layers`` (later wins), then command-line ``flags`` on top, into a validated :class:`RunConfig`.
+    ``notes`` receives what the composition discarded (see :func:`discarded`)."""
     choices = {k.replace("-", "_"): {"name": v} for k, v in flags if "." not in k and v is not None}
     models, _ = component_models(merge(layers + [("command line", choices)])[0])
     layer, problems = cli_layer(list(flags), models)
-    return validate(*merge(layers + [("command line", layer)]), problems=problems)
+    dropped: list[Dropped] = []
+    data, origin = merge(layers + [("command line", layer)], dropped)
+    found = discarded(data, origin, dropped, models, [label for label, _ in layers] + ["command line"])
+    if notes is not None:
+        notes += found
+    return validate(data, origin, problems=problems)
+
+
+def discarded(data: dict, origin: dict, dropped: list[Dropped], models: dict[str, type[BaseModel]],
+              order: list[str]) -> list[str]:
+    """What the composition discards, one note each: the fields of a component that a later source
+    replaced (with those the new one also has, now at its defaults), and a field declared
+    ``json_schema_extra={"same_source_as": OTHER}`` whose source is older than OTHER's (it is
+    removed from ``data``: it applied to the older OTHER, e.g. a preset's own data path)."""
+    notes = []
+    for d in dropped:
+        listed = ", ".join(f"{flag(d.section, k)} {shown(v, 30)}" for k, v in d.values.items())
+        notes.append(f"{flag(d.section)} {d.new[0]} (from {d.new[1]}) replaces {d.old[0]} (from {d.old[1]}), "
+                     f"so {d.old[1]}'s settings for {d.old[0]} do not apply: {listed}")
+        model = models.get(d.section)
+        shared = {k: model.model_fields[k] for k in d.values if model is not None and k in model.model_fields
+                  and k not in data.get(d.section, {})}
+        if shared:
+            now = ", ".join(f"{flag(d.section, k)} {shown(f.get_default(call_default_factory=True), 30)}"
+                            for k, f in shared.items())
+            notes.append(f"{flag(d.section)} {d.new[0]} uses its defaults instead: {now}; "
+                         f"set them with {flag(d.section)}.FIELD VALUE")
+    for section, model in models.items():
+        for name, info in model.model_fields.items():
+            other = (info.json_schema_extra or {}).get("same_source_as") if isinstance(info.json_schema_extra, dict) \
+                else None
+            if other is None or (section, name) not in origin or (section, other) not in origin:
+                continue
+            mine, theirs = origin[(section, name)], origin[(section, other)]
+            if order.index(mine) < order.index(theirs) and name in data.get(section, {}):
+                value = data[section].pop(name)
+                notes.append(f"{flag(section, name)} {shown(value, 30)} (from {mine}) goes with {mine}'s own "
+                             f"{flag(section, other)} and is dropped, since {flag(section, other)} now comes from "
+                             f"{theirs}; pass {flag(section, name)} {shown(value, 30)} to keep it")
+    return notes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class RobovlaError(Exception):
@@ -64,3 +65,29 @@ def unknown(what: str, name: str, choices: Iterable[str], hint: str = "") -> Unk
     if hint:
         msg += f"\n{hint}"
     return UnknownNameError(msg)
+
+
+def missing_folder(path: str | Path) -> str:
+    """Why ``path`` is not a folder, for messages: "no such folder" with the nearest existing
+    folder above it, the name in it closest to the missing one, and what else it holds.
+
+    A mistyped path then names the way to the right one:
+    ``no such folder; /data/task_D_D exists and holds training/, validation/ (did you mean .../training?)``
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        return "is a file, not a folder"
+    existing, missing = path, None
+    while not existing.exists() and existing != existing.parent:
+        existing, missing = existing.parent, existing.name
+    if not existing.is_dir():
+        return f"no such folder ({existing} is a file)"
+    try:
+        names = sorted((p.name + "/" * p.is_dir() for p in existing.iterdir() if not p.name.startswith(".")),
+                       key=natural_key)
+    except OSError as exc:
+        return f"no such folder; {existing} exists but cannot be listed ({exc.strerror or exc})"
+    near = closest(missing or "", [n.rstrip("/") for n in names])
+    held = ", ".join(names[:12]) + (f", ... ({len(names)} entries)" if len(names) > 12 else "") if names else "nothing"
+    hint = f" (did you mean {existing / near}?)" if near else ""
+    return f"no such folder; the nearest existing folder is {existing}, which holds {held}{hint}"

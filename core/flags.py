@@ -62,3 +62,9 @@ def coerce_cli(annotation: Any, text: str) -> Any:
 def is_bool(annotation: Any) -> bool:
     return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
                                   and bool in typing.get_args(annotation))
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for messages (a 5,000-character flag stays readable)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

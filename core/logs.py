@@ -10,6 +10,7 @@ training loop calls :meth:`Logs.log` without asking who listens.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -85,7 +86,8 @@ class Logs:
         try:
             sinks.append(TensorBoardSink(run_dir / "tensorboard"))
         except ImportError:  # tensorboard is optional
-            pass
+            print(f"note: tensorboard is not installed, so this run logs to {run_dir / METRICS} and loss.png only "
+                  "(pip install tensorboard to log for TensorBoard too)", file=sys.stderr)
         if wandb_project:
             sinks.append(WandbSink(wandb_project, run_dir))
         return cls(sinks)
@@ -126,7 +128,8 @@ def read(run_dir: Path) -> list[tuple[int, str, str, float]]:
 
 
 def plot(run_dir: Path) -> Path | None:
-    """loss.png in the run folder: training and validation loss, and the learning rate."""
+    """loss.png in the run folder (drawn at every checkpoint): training and validation loss, its
+    arm and gripper terms beside it, and the learning rate below."""
     rows = read(run_dir)
     if not rows:
         return None
@@ -139,20 +142,26 @@ def plot(run_dir: Path) -> Path | None:
         points = [(s, v) for s, sp, k, v in rows if sp == split and k == key]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, (ax, lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
-    for split, style in (("train", "-"), ("val", "o-")):
-        x, y = series(split, "loss")
-        if x:
-            ax.plot(x, y, style, label=f"{split} loss")
-    ax.set_yscale("log")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.set_title(Path(run_dir).name)
+    fig = plt.figure(figsize=(12, 6))
+    grid = fig.add_gridspec(2, 3, height_ratios=[3, 1])
+    panels = [fig.add_subplot(grid[0, i]) for i in range(3)]
+    for ax, key, label in zip(panels, ("loss", "arm_loss", "gripper_loss"), ("loss", "arm loss", "gripper loss")):
+        for split, style in (("train", "-"), ("val", "o-")):
+            x, y = series(split, key)
+            if x:
+                ax.plot(x, y, style, label=f"{split}")
+        if ax.has_data():
+            ax.set_yscale("log")
+            ax.legend()
+        ax.set_title(label if key != "loss" else f"{Path(run_dir).name}: loss")
+    lr = fig.add_subplot(grid[1, :], sharex=panels[0])
     lr.plot(*series("train", "lr"))
     lr.set_ylabel("learning rate")
     lr.set_xlabel("optimizer step")
     fig.tight_layout()
     out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=100)
+    tmp = out.with_name(".loss.png.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+    tmp.replace(out)  # a viewer never sees half a picture
     return out

@@ -239,6 +239,12 @@ class Policy:
                 "window": dims.T, "chunk": dims.C, "action_dim": dims.A, "robot_obs_dim": 15,
                 "execution": str(self.execution), "max_image_side": MAX_IMAGE_SIDE}
 
+    def __repr__(self) -> str:
+        where = f"{self.info['run']} ({self.info['checkpoint']}), " if "run" in self.info else ""
+        parts = [f"{k} {self.info[k]}" for k in ("backbone", "head") if k in self.info]
+        return (f"Policy({where}{', '.join(parts + [''])}cameras {list(self.cameras)}, image size {self.image_size}, "
+                f"window {self.vla.head.dims.T}, chunk {self.vla.head.dims.C}, execution {self.execution})")
+
     # ----------------------------------------------------------------------- stepping
 
     def reset(self, key: Hashable = 0, seed: int = 0) -> None:

@@ -197,15 +197,19 @@ def data_problems(run: RunConfig) -> list[str]:
     from robovla.windows import counts
 
     name, config = run.dataset.name, run.dataset.config
+    path = dict(config).get("path")
     try:
         dataset = robovla.create("dataset", name, config)
         bounds = np.asarray(dataset.segment_table().bounds, dtype=np.int64).reshape(-1, 2)  # (start, end) [S, 2]
     except (RobovlaError, OSError) as exc:
         from robovla.registry import summary
 
-        return [f"--dataset {name}: {summary(str(exc))}"]
-    found = []
-    path = dict(config).get("path")
+        inside = [p.name for p in (Path(path).expanduser() / s for s in ("training", "validation")) if p.is_dir()] \
+            if path is not None else []
+        hint = f" ({path} is a task folder holding {' and '.join(s + '/' for s in inside)}: pass --dataset.path " \
+               f"{Path(path) / inside[0]})" if inside else ""
+        return [f"--dataset {name}: {summary(str(exc))}{hint}"]
+    found = split_problems(run, path) + action_problems(run, dataset, bounds)
     if run.train.cache == "auto" and path is not None:
         from robovla.frame_cache import CACHE_DIR
 
@@ -221,6 +225,7 @@ def data_problems(run: RunConfig) -> list[str]:
     tasks = getattr(config, "tasks", None)
     if tasks:
         found += _task_problems(name, config, tasks)
+    found += validation_problems(run, wanted or ())
     if not len(bounds):
         return found + ([] if tasks else [f"--dataset {name}: the split lists no annotated segments to train on"])
     t = run.train
@@ -244,3 +249,58 @@ def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:
         return [f"--dataset.tasks: cannot list the split's tasks: {exc}"]
     have.discard(None)
     return [f"--dataset.tasks: {unknown('task', task, have)}" for task in tasks if task not in have]
+
+
+def split_problems(run: RunConfig, path: Any) -> list[str]:
+    """A validation split given as the training data, while validation would read the same folder."""
+    if path is None or Path(path).expanduser().name != "validation" or run.train.val_path != "auto":
+        return []
+    training = Path(path).parent / "training"
+    where = f"train on {training}" if training.expanduser().is_dir() else "train on a training split"
+    return [f"--dataset.path {path}: is a validation split, and --train.val_path auto would validate on that same "
+            f"folder; {where}, or pass --train.val_path none to train on it without validation"]
+
+
+def validation_problems(run: RunConfig, cameras: Any) -> list[str]:
+    """The validation split (``--train.val_path``, or auto: the sibling validation/) opens and has the cameras."""
+    import robovla
+    from robovla.data import split_path
+
+    try:
+        path = split_path(run, "val")
+        if path is None:
+            return []
+        dataset = robovla.create("dataset", run.dataset.name, {**dict(run.dataset.config), "path": path})
+        dataset.segment_table()
+    except (RobovlaError, OSError) as exc:
+        from robovla.registry import summary
+
+        return [f"--train.val_path {run.train.val_path}: the validation split does not open: {summary(str(exc))}; "
+                "fix it, or pass --train.val_path none (no validation)"]
+    missing = [cam for cam in cameras if cam not in dataset.cameras]
+    return [f"--train.val_path {run.train.val_path}: the validation split {path} has no cameras {missing}, which the "
+            "backbone reads"] if missing else []
+
+
+def action_problems(run: RunConfig, dataset: Any, bounds: Any) -> list[str]:
+    """The action space reads an action array the dataset loads, of the size the space decodes."""
+    import numpy as np
+
+    import robovla
+
+    if not len(bounds):
+        return []
+    try:
+        space = robovla.create("action_space", run.action_space.name, run.action_space.config)
+        frames = dataset.load(int(bounds[0, 0]), int(bounds[0, 0]))
+    except (RobovlaError, OSError) as exc:
+        return [f"--action-space {run.action_space.name}: cannot check it against the data: {exc}"]
+    have = {k: np.shape(v)[-1] for k, v in frames.actions.items()}
+    if space.source not in have:
+        return [f"--action-space {run.action_space.name}: reads the dataset's {space.source!r} actions, but dataset "
+                f"{run.dataset.name!r} loads only {sorted(have)}; load them (e.g. --dataset.action_keys "
+                f"{space.source}) or choose an action space that reads {sorted(have)}"]
+    if have[space.source] != space.action_dim:
+        return [f"--action-space {run.action_space.name}: decodes {space.action_dim} action dimensions, but the "
+                f"dataset's {space.source!r} actions have {have[space.source]}; choose an action space of that size"]
+    return []

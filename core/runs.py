@@ -13,6 +13,7 @@ import base64
 import fcntl
 import fnmatch
 import json
+import math
 import os
 import random
 import shutil
@@ -32,11 +33,15 @@ from robovla.errors import RobovlaError
 OWN = (CHECKPOINTS, CONFIG, STATS, "metrics.csv", "tensorboard", "wandb", "loss.png", "eval.json", "eval")
 OWN_INSIDE = {CHECKPOINTS: ("step-*", ".tmp-*", "last"), "eval": ("step-*",)}  # folders a user may add to
 ASIDE = ".overwritten"  # an overwritten run's files, until the new run has started
+EXTEND = ("train.max_steps", "train.epochs", "train.max_minutes")
+"""What ``--resume RUN_DIR`` may raise: how long the run trains."""
+
+
 # fields a resumed run may change freely: where and how often it logs, saves and evaluates,
-# its time budget, and worker counts (the data order follows the seed and the epoch only)
+# its length and time budget, and worker counts (the data order follows the seed and the epoch only)
 BOOKKEEPING = {f"train.{k}" for k in ("run_name", "output_dir", "num_workers", "threads", "log_every",
                                       "checkpoint_every", "max_minutes", "eval_env", "eval_episodes", "eval_seed",
-                                      "wandb_project", "cache")}
+                                      "wandb_project", "cache")} | set(EXTEND)
 
 
 class RunFolderError(RobovlaError, FileExistsError):
@@ -129,9 +134,10 @@ def started_rank() -> int:
 
 
 @contextmanager
-def holding(run_dir: Path, first: bool, overwrite: bool) -> Iterator[None]:
+def holding(run_dir: Path, first: bool, overwrite: bool, new: bool = True) -> Iterator[None]:
     """A run's hold on its folder, in the ``first`` process only: :func:`locked`, and on a
-    failure before the new run started, an overwritten run's files put back."""
+    failure: an overwritten run's files put back if the new run had not started, and a
+    ``new`` run that saved no checkpoint removed (:func:`discard_unsaved`)."""
     if not first:
         yield
         return
@@ -140,9 +146,27 @@ def holding(run_dir: Path, first: bool, overwrite: bool) -> Iterator[None]:
             yield
         except BaseException:
             note = undo_overwrite(run_dir) if overwrite else None
+            note = note or (discard_unsaved(run_dir) if new else None)
             if note:
                 print(note, file=sys.stderr)
             raise
+
+
+def discard_unsaved(run_dir: Path) -> str | None:
+    """A new run failed before its first checkpoint: remove robovla's files from its folder
+    (the folder itself goes when nothing else is left in it), so that the next try starts in a
+    clean one. Returns a note; None when a checkpoint was saved (the run can be resumed)."""
+    run_dir = Path(run_dir)
+    if any((run_dir / CHECKPOINTS).glob("step-*")):
+        return None
+    entries = own_entries(run_dir)
+    for path in entries:
+        remove(path)
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    return f"the run failed before its first checkpoint; removed {', '.join(p.name for p in entries)} from " \
+           f"{run_dir}" if entries else None
 
 
 @contextmanager
@@ -226,6 +250,62 @@ def check_resume(run: RunConfig, run_dir: Path, world_size: int, accept_changes:
                          "so the resumed run would not be exact:\n" + "".join(f"  {c}\n" for c in found)
                          + f"fix: restore the saved values in {where}, or pass --accept-changes to continue anyway")
     return [f"note: --accept-changes: resuming {folder.name} with a change (saved -> now): {c}" for c in found]
+
+
+def resumed(run_dir: Path, flags: list[tuple[str, str | None]], accept_changes: bool = False,
+            ) -> tuple[RunConfig, str | None]:
+    """The run ``--resume run_dir`` continues: its config.toml with ``flags`` (only :data:`EXTEND`,
+    each raised, never lowered) on top; and, when its last checkpoint already reached the end
+    (and passes :func:`check_resume`), a message saying so: then there is nothing to resume."""
+    from robovla import checkpoint
+    from robovla import config as cfg
+    from robovla.errors import ConfigError
+
+    config = checkpoint.run_config(run_dir, f"--resume {run_dir}", header="cannot resume")
+    saved = cfg.resolve(cfg.NONE, config, [])
+    run = cfg.resolve(cfg.NONE, config, flags)
+    folder, state = checkpoint.resumable(run_dir)  # damaged: an error naming the file, finished or not
+    per_epoch = state.get("steps_per_epoch")
+
+    def total(t: Any) -> float:
+        return t.max_steps or (math.ceil(t.epochs * per_epoch) if per_epoch else math.inf)
+
+    was, now = saved.train, run.train
+    problems = [f"--train.{k} {getattr(now, k)}: lower than the run's {getattr(was, k)}; resuming may only raise it"
+                for k in ("max_steps", "epochs") if (getattr(now, k) or 0) < (getattr(was, k) or 0)]
+    if now.epochs != was.epochs and now.max_steps is not None:
+        problems.append(f"--train.epochs {now.epochs}: this run stops at --train.max_steps {now.max_steps}, which "
+                        "overrides epochs; raise --train.max_steps instead")
+    if problems:
+        raise ConfigError(problems, header="cannot resume")
+    if state["step"] >= total(now):
+        from robovla.preflight import world_size
+
+        check_resume(run, run_dir, world_size(run.fabric), accept_changes)  # damaged or edited: say that instead
+        longer = f"--train.max_steps {2 * state['step']}" if now.max_steps else f"--train.epochs {2 * now.epochs:g}"
+        return run, (f"{run_dir} finished at step {state['step']} of {total(now):.0f} ({folder.name}); "
+                     f"nothing to resume. Train it longer with `robo-run --resume {run_dir} {longer}`, or evaluate it "
+                     f"with `robo-run eval --run {run_dir}`")
+    return run, None
+
+
+def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: int, overwrite: bool,
+                   accept_changes: bool) -> list[str]:
+    """Before any process starts: a resumed run's checkpoint is whole and saved with this config
+    (:func:`check_resume`); a new run's folder holds no earlier run (``overwrite``
+    moves it aside) and its ``--train.init`` checkpoint is whole. Returns notes to print."""
+    if resuming:
+        return check_resume(run, run_dir, world_size, accept_changes)
+    from robovla import checkpoint
+
+    init = run.train.init and Path(run.train.init).expanduser().resolve()
+    if overwrite and init and init.is_relative_to(Path(run_dir).resolve()):
+        raise RunFolderError(f"--train.init {run.train.init} is inside {run_dir}, which --overwrite would delete")
+    if init:
+        folder = checkpoint.checkpoint_folder(init)
+        checkpoint.verify(folder, checkpoint.read_state(folder), weights_only=True)
+    claim(run_dir, overwrite)  # deleted once the new run has started (setup), restored if it fails first
+    return []
 
 
 # ------------------------------------------------------------------------------ RNG

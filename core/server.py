@@ -64,7 +64,8 @@ from robovla.evaluation import CHECKPOINT_HELP, load_policy
 from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
 from robovla.server_http import (ENDPOINTS, TOKEN_ENV, HTTPServer, RequestError, fit_descriptors, seed_from,
                                  token_from)
-from robovla.wire import IMAGE_PREFIX, NPZ, Field, WireError, decode_observation, encode_action, observation_fields
+from robovla.wire import (IMAGE_PREFIX, MAX_SKIPPED, NPZ, Field, WireError, decode_observation, encode_action,
+                          observation_fields)
 
 __all__ = ["ENDPOINTS", "PolicyServer", "RequestError", "main", "observation_from", "seed_from"]
 
@@ -272,6 +273,7 @@ class PolicyServer:
             meta["run"] = Path(meta["run"]).name
         return {**meta, "protocol": PROTOCOL, "encoding": NPZ,
                 "image_fields": [f"{IMAGE_PREFIX}{c}" for c in self.policy.cameras],
+                "other_cameras": f"ignored (up to {MAX_SKIPPED} other {IMAGE_PREFIX}* fields, left unread)",
                 "max_batch": self.max_batch, "max_sessions": self.max_sessions,
                 "session_timeout": self.session_timeout or None, "auth": "bearer" if self.token else "none"}
 

@@ -150,9 +150,9 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
                     precision=f.precision)
     first = previous is None and runs.started_rank() == 0  # the one process that checks and holds the folder
-    with runs.holding(run_dir, first, overwrite):
+    with runs.holding(run_dir, first, overwrite, new=resume is None):
         if first:
-            for note in checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
+            for note in runs.checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
                                        accept_changes):
                 print(note)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
@@ -167,23 +167,6 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     if run.train.eval_env and fabric.is_global_zero:  # the strategy is done: read back what it saved
         evaluate_run(run, run_dir, device="cuda" if fabric.device.type == "cuda" else "cpu")
     return run_dir
-
-
-def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: int, overwrite: bool,
-                   accept_changes: bool) -> list[str]:
-    """Before any process starts: a resumed run's checkpoint is whole and saved with this config
-    (:func:`robovla.runs.check_resume`); a new run's folder holds no earlier run (``overwrite``
-    moves it aside) and its ``--train.init`` checkpoint is whole. Returns notes to print."""
-    if resuming:
-        return runs.check_resume(run, run_dir, world_size, accept_changes)
-    init = run.train.init and Path(run.train.init).expanduser().resolve()
-    if overwrite and init and init.is_relative_to(Path(run_dir).resolve()):
-        raise runs.RunFolderError(f"--train.init {run.train.init} is inside {run_dir}, which --overwrite would delete")
-    if init:
-        folder = checkpoint.checkpoint_folder(init)
-        checkpoint.verify(folder, checkpoint.read_state(folder), weights_only=True)
-    runs.claim(run_dir, overwrite)  # deleted once the new run has started (setup), restored if it fails first
-    return []
 
 
 def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming: bool, progress: bool) -> str:
@@ -239,6 +222,8 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     if folder and sharded:
         fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
         state = checkpoint.read_state(folder)
+    if resuming and fabric.is_global_zero:  # the checkpoint loaded: config.toml records any raised length
+        (run_dir / checkpoint.CONFIG).write_text(config_text)
     s = Session(fabric, run, run_dir, vla, model, optimizer, loader, val_loader,
                 Logs.open(run_dir, fabric.is_global_zero, state["step"] if state else None, t.wandb_project),
                 steps_per_epoch, total=t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)),
@@ -264,6 +249,11 @@ def loaders(fabric: Any, run: RunConfig, vla: Any, run_dir: Path, resuming: bool
 
     t = run.train
     data = open_dataset(run, "train")
+    missing = [cam for cam in vla.backbone.cameras if cam not in data.cameras]
+    if missing:  # a backbone config without a `cameras` field escapes the preflight check
+        raise ConfigError([f"--backbone {run.backbone.name}: reads cameras {list(vla.backbone.cameras)}, but dataset "
+                           f"{run.dataset.name!r} provides {list(data.cameras)} (no {missing}); load them (e.g. "
+                           "--dataset.cameras) or have the backbone read only those"])
     if resuming:
         space = saved_action_space(run, run_dir)
     else:
@@ -413,6 +403,7 @@ def save(s: Session) -> None:
         if not s.sharded:
             checkpoint.write_model(tmp, s.vla, s.optimizer, lora=s.run.lora.enabled)
         checkpoint.commit(s.run_dir, s.step, tmp, state)
+        plot(s.run_dir)  # the curves so far, beside every checkpoint
     fabric.barrier()
 
 

@@ -139,7 +139,8 @@ def build(run: RunConfig, init: bool = True) -> VLA:
     t = run.train
     torch.manual_seed(t.seed)
     backbone = robovla.create("backbone", run.backbone.name, run.backbone.config)
-    dims = Dims(D=backbone.hidden_size, K=t.lrn_tokens, T=t.window, C=t.chunk)
+    space = robovla.create("action_space", run.action_space.name, run.action_space.config)  # its action size: A
+    dims = Dims(D=backbone.hidden_size, K=t.lrn_tokens, T=t.window, C=t.chunk, A=space.action_dim)
     head = robovla.create("head", run.head.name, run.head.config, dims=dims)
     vla = VLA(backbone, head, lrn_tokens=t.lrn_tokens, ablate=t.ablate)
     if init and t.init is not None:

@@ -37,6 +37,7 @@ import numpy as np
 NPZ = "application/x-npz"
 IMAGE_PREFIX = "image."
 HEADER_BYTES = 1 << 16  # room for a member's .npy header on top of its array (numpy writes 128 bytes)
+MAX_SKIPPED = 16  # e.g. image.CAMERA of cameras the policy does not read, ignored unread
 STRAY_SIGNATURES = 64  # zip directory signatures tolerated beyond one per field (image bytes can hold one)
 ACTION_BYTES = 1 << 20  # the most bytes an act answer's action may hold (float64 [A], A at most 131072)
 CHUNK = 1 << 20  # bytes read from a member at a time
@@ -83,15 +84,18 @@ def encode_npz(**arrays: Any) -> bytes:
     return buffer.getvalue()
 
 
-def decode_npz(body: bytes, fields: Mapping[str, Field], what: str = "body") -> dict[str, np.ndarray]:
+def decode_npz(body: bytes, fields: Mapping[str, Field], what: str = "body", skip: str | None = None,
+               ) -> dict[str, np.ndarray]:
     """The bytes of an .npz archive holding exactly ``fields`` -> its arrays, never unpickling and
     inflating no member before its size and header fit its field (module docstring); WireError
-    (WireTooLarge for a member too large) otherwise."""
+    (WireTooLarge for a member too large) otherwise. Members named ``skip``... that are not fields
+    (up to :data:`MAX_SKIPPED`; e.g. cameras the policy does not read) are left unread."""
     if body[:6] == b"\x93NUMPY":
         raise _unreadable(what, "a single .npy array, not an .npz archive")
     # every entry the zip reader lists starts with this signature: counting them bounds its work
-    if body.count(b"PK\x01\x02") > len(fields) + STRAY_SIGNATURES:
-        raise WireError(f"the {what} has more zip entries than its {len(fields)} fields; send numpy.savez output")
+    most = len(fields) + (MAX_SKIPPED if skip else 0)
+    if body.count(b"PK\x01\x02") > most + STRAY_SIGNATURES:
+        raise WireError(f"the {what} has more zip entries than its {most} fields; send numpy.savez output")
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except Exception as exc:  # noqa: BLE001 - zipfile's refusals (BadZipFile, ValueError, OSError, ...)
@@ -103,6 +107,11 @@ def decode_npz(body: bytes, fields: Mapping[str, Field], what: str = "body") -> 
             if name in members:
                 raise WireError(f"the {what} holds field {name!r} twice; each field is one member")
             members[name] = info
+        skipped = [n for n in members if skip and n.startswith(skip) and n not in fields]
+        if len(skipped) > MAX_SKIPPED:
+            raise WireError(f"the {what} holds {len(skipped)} fields {skip}* that are not read; at most {MAX_SKIPPED} "
+                            "are ignored, so send only what /metadata lists")
+        members = {n: info for n, info in members.items() if n not in skipped}
         _check_names(sorted(members), fields, what)
         return {name: _member(archive, info, name, fields[name], what) for name, info in members.items()}
 
@@ -173,10 +182,11 @@ def decode_observation(body: bytes, fields: Mapping[str, Field]) -> tuple[dict[s
     """An act request's body -> (images by camera, robot_obs, instruction); ``fields`` from
     :func:`observation_fields`.
 
-    Checks the fields (exactly one image per camera, robot_obs, a text instruction) and their
-    sizes, not the values: the policy checks image sizes, dtypes and finiteness.
+    Checks the fields (exactly one image per camera the policy reads, robot_obs, a text
+    instruction) and their sizes, not the values: the policy checks image sizes, dtypes and
+    finiteness. Images of other cameras (a robot stack sends all it has) are ignored unread.
     """
-    arrays = decode_npz(body, fields, "act request")
+    arrays = decode_npz(body, fields, "act request", skip=IMAGE_PREFIX)
     instruction = arrays["instruction"]
     if instruction.dtype.kind != "U" or instruction.shape != ():
         raise WireError(f"instruction must be a 0-d unicode array (numpy.array('...')), got dtype "

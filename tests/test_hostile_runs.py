@@ -288,7 +288,7 @@ def read_through(how: str, copy: Path, capsys) -> str:
     test on anything but a robovla error."""
     if how == R:
         capsys.readouterr()
-        code = main(["--resume", str(copy)])
+        code = main(["--resume", str(copy), "--train.max_steps", "6"])  # finished at 4: resume means train on
         err = capsys.readouterr().err
         assert code in (1, 2) and err.startswith("robo-run train: error: "), err[-2000:]
         return err
@@ -433,15 +433,21 @@ def test_a_damaged_init_checkpoint_is_refused_before_the_new_run_folder_exists(r
     assert not (tmp_path / "tuned").exists()
 
 
-def test_a_run_that_failed_before_its_first_save_says_so_and_overwrite_restarts_it(runs, tmp_path, capsys):
+def test_a_run_that_failed_before_its_first_save_leaves_no_folder_and_a_killed_one_is_named(runs, tmp_path, capsys):
     """A flag only the model can check (more frozen decoder layers than the backbone has) is a
-    clear error at build time; the folder it left is refused by name as one without a checkpoint."""
+    clear error at build time, and the half-made run folder goes with it, so the next try starts
+    cleanly. A run killed before its first save (nothing can clean up) is refused by name as one
+    without a checkpoint, and --overwrite restarts it."""
     argv = tiny_argv(runs["synth"], tmp_path, "early")
     capsys.readouterr()
     assert main([*argv, "--train.freeze_decoder_layers", "1000"]) == 2
     err = capsys.readouterr().err
     assert "--train.freeze_decoder_layers 1000: the backbone's decoder has 1 layers; freeze at most that many" in err
     assert "Traceback" not in err
+    assert f"the run failed before its first checkpoint; removed config.toml from {tmp_path / 'early'}" in err
+    assert not (tmp_path / "early").exists()
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "config.toml").write_text("# a run killed before its first save\n")
     assert main(argv) == 1
     assert f"{tmp_path / 'early'} holds a run that saved no checkpoint (config.toml): it stopped before its first " \
            "save. Start it over with --overwrite" in capsys.readouterr().err
@@ -510,7 +516,7 @@ def test_a_run_folder_in_use_is_refused_to_a_second_robo_run(runs, tmp_path, cap
     with runs_module.locked(copy):
         assert main(tiny_argv(runs["synth"], tmp_path, "full", "--overwrite")) == 1
         assert f"{copy}: another robo-run is using this run folder" in capsys.readouterr().err
-        assert main(["--resume", str(copy)]) == 1
+        assert main(["--resume", str(copy), "--train.max_steps", "6"]) == 1
         assert f"{copy}: another robo-run is using this run folder" in capsys.readouterr().err
     assert fingerprint(copy) == before
     with runs_module.locked(copy):  # released by the refused commands and by the test's own holder

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,11 +24,14 @@ from pydantic import Field
 
 import robovla
 from robovla.dataset import Frames, Problem, Segment, SegmentTable
+from robovla.errors import missing_folder
 from robovla.safe_read import NpzReader, UnsafeFileError, load_npy, open_regular
 from robovla_plugins.datasets.calvin.files import (ANNOTATIONS, ANNOTATIONS_FORMAT, CAMERA_KEYS, FRAME_CHECKS, SCENES,
                                                    SCENES_FORMAT, SHAPES, CalvinDataError, as_pairs, frame_file,
                                                    frame_ids, pairs_at, read_pickled_dict, texts_at)
 from robovla_plugins.datasets.calvin.synthetic import write_task
+
+MB_PER_EPISODE = 1.3  # the synthetic task on disk, per training episode (with its share of validation/)
 
 __all__ = ["CAMERA_KEYS", "SHAPES", "CalvinDataError", "CalvinDataset", "frame_file"]
 
@@ -44,7 +48,9 @@ class CalvinDataset(robovla.Dataset):
         tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
         synthesize: int | None = Field(None, ge=1, le=100_000, description="when path does not exist yet, first write the "
                                        "synthetic reach task there (this many training episodes; path must end in "
-                                       "training/ or validation/); none: never write")
+                                       "training/ or validation/); applies only to a path set by the same source "
+                                       "(a preset's own location) or a later one; none: never write",
+                                       json_schema_extra={"same_source_as": "path"})
         synthesize_seed: int = Field(0, ge=0, lt=2**32, description="seed of the synthetic task written by synthesize")
         scenes: list[str] | None = Field(None, description="keep only annotations inside these scenes of "
                                          "scene_info.npy (training splits have it), e.g. calvin_scene_A; none: all")
@@ -63,8 +69,9 @@ class CalvinDataset(robovla.Dataset):
         if not self.root.is_dir() and config.synthesize:
             self._write_synthetic(config.synthesize, config.synthesize_seed)
         if not self.root.is_dir():
-            raise CalvinDataError(f"--dataset.path {self.root}: no such folder; point it at a CALVIN split "
-                                  "folder, e.g. task_D_D/training")
+            raise CalvinDataError(f"--dataset.path {self.root}: {missing_folder(self.root)}; point it at a CALVIN "
+                                  "split folder, e.g. task_D_D/training (--dataset.synthesize N writes the synthetic "
+                                  "task there)")
 
     @property
     def cameras(self) -> tuple[str, ...]:
@@ -88,6 +95,8 @@ class CalvinDataset(robovla.Dataset):
         with locked(task):
             if task.exists():
                 return
+            print(f"--dataset.synthesize {episodes}: writing the synthetic reach task into {task} (training/ and "
+                  f"validation/, about {episodes * MB_PER_EPISODE:.0f} MB; once)", file=sys.stderr, flush=True)
             tmp = task.with_name(f".{task.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             write_task(tmp, episodes, seed)

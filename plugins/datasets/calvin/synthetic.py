@@ -14,6 +14,7 @@ TCP moves in a plane at height Z with CALVIN's neutral orientation.
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,10 @@ def write_split(out: Path, episodes: int, seed: int, first_frame: int = FIRST_FR
     frame, ranges, ann = first_frame, [], {"ann": [], "task": [], "indx": []}
     zeros = {"rgb_tactile": np.zeros((160, 120, 6), np.uint8), "depth_static": np.zeros((200, 200), np.float32),
              "depth_gripper": np.zeros((84, 84), np.float32), "depth_tactile": np.zeros((160, 120, 2), np.float32)}
-    for e in range(episodes):
+    from tqdm import tqdm
+
+    for e in tqdm(range(episodes), desc=f"writing {out.name}/", unit="episode", dynamic_ncols=True,
+                  mininterval=0.5 if sys.stderr.isatty() else 30):
         scene = make_scene(0, seed, e)
         start = frame
         steps = episode(scene, np.random.default_rng([seed, e]))
