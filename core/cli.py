@@ -72,7 +72,16 @@ def resolve(argv: list[str]) -> cfg.RunConfig:
     a preset's setting never disappears unsaid (``--preset demo --head mlp`` drops the demo's head)."""
     run, flags, _ = parse_run_args(argv)
     notes: list[str] = []
-    resolved = cfg.resolve(run.get("preset"), run.get("config"), flags, notes)  # invalid: its errors alone
+    try:
+        resolved = cfg.resolve(run.get("preset"), run.get("config"), flags, notes)  # invalid: its errors alone
+    except ConfigError as exc:
+        if any(p.startswith("--dataset.path: required") for p in exc.problems) and "preset" not in run:
+            preset = registry_file.default_preset()
+            exc.problems.append(f"(the default preset, {preset}, trains on CALVIN data you name with --dataset.path; "
+                                "to try robovla without data, `robo-run --preset demo` writes a synthetic task and "
+                                "trains on it)")
+            raise ConfigError(exc.problems) from None
+        raise
     if os.environ.get("LOCAL_RANK", "0") == "0":
         for note in notes:
             print(f"robo-run: note: {note}", file=sys.stderr)
@@ -89,10 +98,29 @@ def _field_lines(section: str, model: type, preset: tuple[str, dict]) -> list[st
     for name, info in model.model_fields.items():
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         where = "required" if info.is_required() else f"default: {default}"
+        choices = literal_choices(info.annotation)
+        where = f"{', '.join(map(str, choices))}; {where}" if choices else where
         if values.get(section, {}).get(name, default) != default:
             where += f"; {label}: {values[section][name]}"
         lines.append(f"  {cfg.flag(section, name):<32} {info.description} ({where})")
     return lines
+
+
+def literal_choices(annotation: Any) -> list[Any]:
+    """The values a field with a fixed set accepts (a Literal, optional or in a list), or [] for an
+    open type (``int | Literal["auto"]`` is open)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return list(args)
+    if origin in (list, tuple, set):
+        return literal_choices(args[0]) if args else []
+    if origin in (typing.Union, types.UnionType):
+        parts = [literal_choices(a) for a in args if a is not type(None)]
+        return [v for p in parts for v in p] if parts and all(parts) else []
+    return []
 
 
 def run_help(command: str, argv: list[str]) -> str:
@@ -294,7 +322,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "config": (cmd_config, "print the resolved configuration as TOML"),
     "plugins": (cmd_plugins, "list registered components and broken plugins"),
     "presets": (cmd_presets, "list the named recipes in registry.toml"),
-    "data": (cmd_data, "check datasets and compute their statistics (check, stats)"),
+    "data": (cmd_data, "dataset tools: check, stats, synth (the synthetic task), cache (the frame cache)"),
     "eval": (cmd_eval, "evaluate a run: offline metrics, closed loop (CALVIN long-horizon protocol)"),
     "serve": (cmd_serve, "serve a run's policy over HTTP (numpy payloads, one state per session)"),
     "convert": (cmd_convert, "convert another framework's checkpoint (e.g. RoboVLMs) into a run folder"),

@@ -212,7 +212,7 @@ class Dropped(typing.NamedTuple):
     """Fields of one source that a later source's choice of another component discarded."""
     section: str
     old: tuple[str, str]  # (component name, source label)
-    new: tuple[str, str]
+    new: tuple[str, str]  # likewise
     values: dict[str, Any]
 
 
@@ -292,6 +292,10 @@ def _problems(exc: pydantic.ValidationError, section: str, model: type[BaseModel
             branches = "; ".join(f"as {e['loc'][1]}: {e['msg']}" for e in errs)
             out.append(f"{flag(section, field_name)}: got {shown(first['input'])}{src}, which fits no "
                        f"allowed type ({branches})")
+        elif first["type"] == "missing" and field_name in model.model_fields:
+            where = flag(section, field_name)
+            out.append(f"{where}: required, and no source sets it; pass {where} VALUE "
+                       f"({model.model_fields[field_name].description})")
         else:
             for err in errs:
                 where = flag(section, ".".join(str(p) for p in err["loc"]))
@@ -401,8 +405,7 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
 
 def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = (), notes: list[str] | None = None,
             ) -> RunConfig:
-    """``layers`` (later wins), then command-line ``flags`` on top, into a validated :class:`RunConfig`.
-    ``notes`` receives what the composition discarded (see :func:`discarded`)."""
+    """``layers`` (later wins), then ``flags``, into a :class:`RunConfig`; ``notes`` gets :func:`discarded`'s."""
     choices = {k.replace("-", "_"): {"name": v} for k, v in flags if "." not in k and v is not None}
     models, _ = component_models(merge(layers + [("command line", choices)])[0])
     layer, problems = cli_layer(list(flags), models)
@@ -416,10 +419,9 @@ def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = (), notes
 
 def discarded(data: dict, origin: dict, dropped: list[Dropped], models: dict[str, type[BaseModel]],
               order: list[str]) -> list[str]:
-    """What the composition discards, one note each: the fields of a component that a later source
-    replaced (with those the new one also has, now at its defaults), and a field declared
-    ``json_schema_extra={"same_source_as": OTHER}`` whose source is older than OTHER's (it is
-    removed from ``data``: it applied to the older OTHER, e.g. a preset's own data path)."""
+    """Notes on what composing discards: the fields of a component a later source replaced (and
+    those the new one has too, now at its defaults), and a field declared ``json_schema_extra=
+    {"same_source_as": OTHER}`` set by an older source than OTHER (removed from ``data``)."""
     notes = []
     for d in dropped:
         listed = ", ".join(f"{flag(d.section, k)} {shown(v, 30)}" for k, v in d.values.items())

@@ -153,7 +153,7 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     with runs.holding(run_dir, first, overwrite, new=resume is None):
         if first:
             for note in runs.checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
-                                       accept_changes):
+                                            accept_changes):
                 print(note)
         os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
         try:

@@ -46,11 +46,11 @@ class CalvinDataset(robovla.Dataset):
         action_keys: list[Literal["rel_actions", "actions"]] = Field(
             ["rel_actions", "actions"], min_length=1, description="action arrays to read (rel_actions, actions)")
         tasks: list[str] | None = Field(None, description="keep only annotations of these tasks; none: all")
-        synthesize: int | None = Field(None, ge=1, le=100_000, description="when path does not exist yet, first write the "
-                                       "synthetic reach task there (this many training episodes; path must end in "
-                                       "training/ or validation/); applies only to a path set by the same source "
-                                       "(a preset's own location) or a later one; none: never write",
-                                       json_schema_extra={"same_source_as": "path"})
+        synthesize: int | None = Field(
+            None, ge=1, le=100_000, json_schema_extra={"same_source_as": "path"},
+            description="when path does not exist yet, first write the synthetic reach task there (this many "
+            "training episodes; path must end in training/ or validation/); applies only to a path set by the same "
+            "source (a preset's own location) or a later one; none: never write")
         synthesize_seed: int = Field(0, ge=0, lt=2**32, description="seed of the synthetic task written by synthesize")
         scenes: list[str] | None = Field(None, description="keep only annotations inside these scenes of "
                                          "scene_info.npy (training splits have it), e.g. calvin_scene_A; none: all")
