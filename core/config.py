@@ -437,13 +437,13 @@ def discarded(data: dict, origin: dict, dropped: list[Dropped], models: dict[str
                          f"set them with {flag(d.section)}.FIELD VALUE")
     for section, model in models.items():
         for name, info in model.model_fields.items():
-            other = (info.json_schema_extra or {}).get("same_source_as") if isinstance(info.json_schema_extra, dict) \
-                else None
+            other = info.json_schema_extra.get("same_source_as") if isinstance(info.json_schema_extra, dict) else None
             if other is None or (section, name) not in origin or (section, other) not in origin:
                 continue
             mine, theirs = origin[(section, name)], origin[(section, other)]
-            if order.index(mine) < order.index(theirs) and name in data.get(section, {}):
-                value = data[section].pop(name)
+            value = read_none(data.get(section, {}).get(name))
+            if order.index(mine) < order.index(theirs) and value not in (None, info.default):
+                del data[section][name]
                 notes.append(f"{flag(section, name)} {shown(value, 30)} (from {mine}) goes with {mine}'s own "
                              f"{flag(section, other)} and is dropped, since {flag(section, other)} now comes from "
                              f"{theirs}; pass {flag(section, name)} {shown(value, 30)} to keep it")
