@@ -35,8 +35,6 @@ OWN_INSIDE = {CHECKPOINTS: ("step-*", ".tmp-*", "last"), "eval": ("step-*",)}  #
 ASIDE = ".overwritten"  # an overwritten run's files, until the new run has started
 EXTEND = ("train.max_steps", "train.epochs", "train.max_minutes")
 """What ``--resume RUN_DIR`` may raise: how long the run trains."""
-
-
 # fields a resumed run may change freely: where and how often it logs, saves and evaluates,
 # its length and time budget, and worker counts (the data order follows the seed and the epoch only)
 BOOKKEEPING = {f"train.{k}" for k in ("run_name", "output_dir", "num_workers", "threads", "log_every",
