@@ -76,11 +76,11 @@ def resolve(argv: list[str]) -> cfg.RunConfig:
         resolved = cfg.resolve(run.get("preset"), run.get("config"), flags, notes)  # invalid: its errors alone
     except ConfigError as exc:
         if any(p.startswith("--dataset.path: required") for p in exc.problems) and "preset" not in run:
-            preset = registry_file.default_preset()
-            exc.problems.append(f"(the default preset, {preset}, trains on CALVIN data you name with --dataset.path; "
-                                "to try robovla without data, `robo-run --preset demo` writes a synthetic task and "
-                                "trains on it)")
-            raise ConfigError(exc.problems) from None
+            hint = (f"(the default preset, {registry_file.default_preset()}, trains on CALVIN data you name with "
+                    "--dataset.path; to try robovla without data, `robo-run --preset demo` writes a synthetic task "
+                    "and trains on it)")
+            raise ConfigError([p + "\n" + hint if p.startswith("--dataset.path: required") else p
+                               for p in exc.problems]) from None
         raise
     if os.environ.get("LOCAL_RANK", "0") == "0":
         for note in notes:
@@ -221,13 +221,17 @@ def cmd_train(argv: list[str]) -> int:
 
 def next_commands(run: cfg.RunConfig, run_dir: Path) -> str:
     """What one does with a finished run, as commands to copy."""
+    import shlex
+
+    folder = shlex.quote(str(run_dir))  # a folder name with spaces still pastes as one argument
     env = f" --env {run.train.eval_env}" if run.train.eval_env else ""
     longer = f"--train.max_steps {2 * run.train.max_steps}" if run.train.max_steps else \
         f"--train.epochs {2 * run.train.epochs:g}"
-    rows = [(f"robo-run eval --run {run_dir}{env}", "offline metrics and closed-loop evaluation"),
-            (f"robo-run serve --run {run_dir}", "a policy server (robovla.client.PolicyClient)"),
-            (f"robo-run --resume {run_dir} {longer}", "train it longer"),
-            (f"python -c 'import robovla; print(robovla.Policy.from_run(\"{run_dir}\"))'", "the policy in Python")]
+    rows = [(f"robo-run eval --run {folder}{env}", "offline metrics and closed-loop evaluation"),
+            (f"robo-run serve --run {folder}", "a policy server (robovla.client.PolicyClient)"),
+            (f"robo-run --resume {folder} {longer}", "train it longer"),
+            (f"python -c {shlex.quote(f'import robovla; print(robovla.Policy.from_run({json.dumps(str(run_dir))}))')}",
+             "the policy in Python")]
     width = max(len(command) for command, _ in rows)
     return "\n".join([f"run saved in {run_dir}. Next:"] + [f"  {c:<{width}}  # {w}" for c, w in rows])
 

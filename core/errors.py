@@ -7,6 +7,7 @@ fix. The command line prints these messages as they are, without a traceback.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,6 +83,8 @@ def missing_folder(path: str | Path) -> str:
         existing, missing = existing.parent, existing.name
     if not existing.is_dir():
         return f"no such folder ({existing} is a file)"
+    if missing and (existing / missing).is_symlink():
+        return f"no such folder: {existing / missing} is a broken symbolic link (to {os.readlink(existing / missing)})"
     try:
         names = sorted((p.name + "/" * p.is_dir() for p in existing.iterdir() if not p.name.startswith(".")),
                        key=natural_key)

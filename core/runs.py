@@ -270,7 +270,8 @@ def resumed(run_dir: Path, flags: list[tuple[str, str | None]], accept_changes: 
 
     was, now = saved.train, run.train
     problems = [f"--train.{k} {getattr(now, k)}: lower than the run's {getattr(was, k)}; resuming may only raise it"
-                for k in ("max_steps", "epochs") if (getattr(now, k) or 0) < (getattr(was, k) or 0)]
+                for k in ("max_steps", "epochs") if (getattr(now, k) or 0) < (getattr(was, k) or 0)
+                and (k == "max_steps" or now.max_steps is None)]  # epochs count only without max_steps
     if now.epochs != was.epochs and now.max_steps is not None:
         problems.append(f"--train.epochs {now.epochs}: this run stops at --train.max_steps {now.max_steps}, which "
                         "overrides epochs; raise --train.max_steps instead")

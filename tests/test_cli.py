@@ -52,7 +52,7 @@ def test_train_names_each_missing_component(capsys):
     # the real registry.toml: the default preset names kosmos, lstm, calvin and rel-world, all built in
     assert main(["--train.lr", "1e-4"]) == 2
     err = capsys.readouterr().err
-    assert "--dataset.path: Field required" in err  # the built-in calvin dataset is there, and needs a path
+    assert "--dataset.path: required, and no source sets it; pass --dataset.path VALUE" in err  # calvin needs a path
     assert "unknown backbone" not in err
     assert main(["--head", "nosuch", "--backbone", "nosuch-either"]) == 2
     err = capsys.readouterr().err

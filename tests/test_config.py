@@ -74,7 +74,7 @@ def test_missing_components_and_required_fields_are_named(toy):
     assert err.value.problems[:2] == ["--backbone: no backbone chosen; pass --backbone NAME",
                                       "--head: no head chosen; pass --head NAME"]
     assert any(p.startswith("--train.lrr: unknown field 'lrr'; did you mean 'lr'?") for p in err.value.problems)
-    with pytest.raises(ConfigError, match="--dataset.path: Field required"):
+    with pytest.raises(ConfigError, match="--dataset.path: required, and no source sets it; pass --dataset.path VALUE"):
         resolve("--dataset", "toy-data", preset="broken-recipe")
     with pytest.raises(UnknownNameError, match="unknown preset 'toy-recipes'; did you mean 'toy-recipe'"):
         resolve(preset="toy-recipes")

@@ -29,9 +29,9 @@ from robovla.safe_read import NpzReader, UnsafeFileError, load_npy, open_regular
 from robovla_plugins.datasets.calvin.files import (ANNOTATIONS, ANNOTATIONS_FORMAT, CAMERA_KEYS, FRAME_CHECKS, SCENES,
                                                    SCENES_FORMAT, SHAPES, CalvinDataError, as_pairs, frame_file,
                                                    frame_ids, pairs_at, read_pickled_dict, texts_at)
-from robovla_plugins.datasets.calvin.synthetic import write_task
+from robovla_plugins.datasets.calvin.synthetic import validation_episodes, write_task
 
-MB_PER_EPISODE = 1.3  # the synthetic task on disk, per training episode (with its share of validation/)
+MB_PER_EPISODE = 1.25  # the synthetic task on disk, per episode (training/ and validation/ alike)
 
 __all__ = ["CAMERA_KEYS", "SHAPES", "CalvinDataError", "CalvinDataset", "frame_file"]
 
@@ -95,8 +95,9 @@ class CalvinDataset(robovla.Dataset):
         with locked(task):
             if task.exists():
                 return
+            size = (episodes + validation_episodes(episodes)) * MB_PER_EPISODE
             print(f"--dataset.synthesize {episodes}: writing the synthetic reach task into {task} (training/ and "
-                  f"validation/, about {episodes * MB_PER_EPISODE:.0f} MB; once)", file=sys.stderr, flush=True)
+                  f"validation/, about {size:.0f} MB; once)", file=sys.stderr, flush=True)
             tmp = task.with_name(f".{task.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             write_task(tmp, episodes, seed)

@@ -193,9 +193,14 @@ def write_split(out: Path, episodes: int, seed: int, first_frame: int = FIRST_FR
     return {"episodes": episodes, "frames": frame - first_frame, "last_frame": frame - 1}
 
 
+def validation_episodes(episodes: int) -> int:
+    """Episodes of the validation split written beside ``episodes`` training ones."""
+    return max(episodes // 10, 10)
+
+
 def write_task(out: Path, episodes: int, seed: int, val_episodes: int | None = None) -> dict[str, Any]:
     """A task folder as CALVIN ships one: ``training/`` and ``validation/`` (other seeds)."""
-    val = max(episodes // 10, 10) if val_episodes is None else val_episodes
+    val = validation_episodes(episodes) if val_episodes is None else val_episodes
     train = write_split(out / "training", episodes, seed)
     return {"training": train, "validation": write_split(out / "validation", val, seed + 7919,
                                                          first_frame=train["last_frame"] + 1)}
