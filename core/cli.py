@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def resolve(argv: list[str]) -> cfg.RunConfig:
             raise ConfigError([p + "\n" + hint if p.startswith("--dataset.path: required") else p
                                for p in exc.problems]) from None
         raise
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if first_process():
         for note in notes:
             print(f"robo-run: note: {note}", file=sys.stderr)
     return resolved
@@ -190,11 +191,11 @@ def cmd_train(argv: list[str]) -> int:
         from robovla import runs
 
         extra = [f"--{k}" for k in run_args if k not in ("resume", "accept-changes")] + \
-            [f"--{k}" for k, _ in flags if k not in runs.EXTEND]
+            [f"--{k}" for k, _ in flags if k.replace("-", "_") not in runs.EXTEND]
         if extra:
             raise ConfigError([f"--resume continues a run with its saved config.toml; drop {', '.join(extra)} "
-                               "(start a new run to change the configuration; on resume only "
-                               f"{', '.join('--' + k for k in runs.EXTEND)} may be raised)"], header="cannot resume")
+                               "(start a new run to change the configuration; on resume only the run's length, "
+                               f"{', '.join('--' + k for k in runs.EXTEND)}, may change)"], header="cannot resume")
         run, finished = runs.resumed(Path(resume), flags, accept_changes)
         if finished:
             print(f"robo-run: {finished}")
@@ -212,28 +213,38 @@ def cmd_train(argv: list[str]) -> int:
     except Interrupted as exc:
         print(f"robo-run: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    from robovla.runs import started_rank
-
-    if started_rank() == 0:
+    if first_process():
         print(next_commands(run, run_dir))
     return 0
 
 
 def next_commands(run: cfg.RunConfig, run_dir: Path) -> str:
-    """What one does with a finished run, as commands to copy."""
+    """What one does with a run that ended, as commands to copy."""
     import shlex
 
+    from robovla import checkpoint
+
     folder = shlex.quote(str(run_dir))  # a folder name with spaces still pastes as one argument
-    env = f" --env {run.train.eval_env}" if run.train.eval_env else ""
+    state = checkpoint.read_state(checkpoint.last(run_dir))
+    ended = state["step"] >= (run.train.max_steps or math.ceil(run.train.epochs * state.get("steps_per_epoch", 0)))
     longer = f"--train.max_steps {2 * run.train.max_steps}" if run.train.max_steps else \
         f"--train.epochs {2 * run.train.epochs:g}"
-    rows = [(f"robo-run eval --run {folder}{env}", "offline metrics and closed-loop evaluation"),
+    python = f"import robovla; print(robovla.Policy.from_run({json.dumps(str(run_dir))}))"
+    rows = [(f"robo-run eval --run {folder}" + (f" --env {run.train.eval_env}" if run.train.eval_env else ""),
+             "offline metrics" + (" and closed-loop evaluation" if run.train.eval_env else "")),
             (f"robo-run serve --run {folder}", "a policy server (robovla.client.PolicyClient)"),
-            (f"robo-run --resume {folder} {longer}", "train it longer"),
-            (f"python -c {shlex.quote(f'import robovla; print(robovla.Policy.from_run({json.dumps(str(run_dir))}))')}",
-             "the policy in Python")]
+            (f"robo-run --resume {folder} {longer}", "train it longer") if ended else
+            (f"robo-run --resume {folder}", f"train on to its end (it stopped at step {state['step']})"),
+            (f"python -c {shlex.quote(python)}", "the policy in Python")]
     width = max(len(command) for command, _ in rows)
     return "\n".join([f"run saved in {run_dir}. Next:"] + [f"  {c:<{width}}  # {w}" for c, w in rows])
+
+
+def first_process() -> bool:
+    """Whether this process speaks for the run: not one of the processes a launcher (torchrun,
+    SLURM, Fabric's own) started besides the first."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else None)
+    return rank in (None, "", "0") and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def plugin_rows() -> list[dict[str, Any]]:
@@ -357,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robo-run: error: {_unknown_command(argv[0])}", file=sys.stderr)
         return 2
     try:
-        if command != "plugins" and os.environ.get("LOCAL_RANK", "0") == "0":  # plugins shows it in its table
+        if command != "plugins" and first_process():  # plugins shows it in its table
             for clash in registry().clashes:  # once per command, not once per process it launches
                 print(f"robo-run: warning: {clash}", file=sys.stderr)
         if command in ("train", "config") and any(a in ("-h", "--help") for a in argv):

@@ -207,7 +207,8 @@ def data_problems(run: RunConfig) -> list[str]:
         inside = [p.name for p in (Path(path).expanduser() / s for s in ("training", "validation")) if p.is_dir()] \
             if path is not None else []
         hint = f" ({path} is a task folder holding {' and '.join(s + '/' for s in inside)}: pass --dataset.path " \
-               f"{Path(path) / inside[0]})" if inside else ""
+               f"{Path(path) / 'training'})" if "training" in inside else \
+            f" ({path} is a task folder holding only validation/: train on a training split)" if inside else ""
         return [f"--dataset {name}: {summary(str(exc))}{hint}"]
     found = split_problems(run, path) + action_problems(run, dataset, bounds)
     if run.train.cache == "auto" and path is not None:

@@ -20,6 +20,7 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import numpy as np
@@ -34,7 +35,7 @@ OWN = (CHECKPOINTS, CONFIG, STATS, "metrics.csv", "tensorboard", "wandb", "loss.
 OWN_INSIDE = {CHECKPOINTS: ("step-*", ".tmp-*", "last"), "eval": ("step-*",)}  # folders a user may add to
 ASIDE = ".overwritten"  # an overwritten run's files, until the new run has started
 EXTEND = ("train.max_steps", "train.epochs", "train.max_minutes")
-"""What ``--resume RUN_DIR`` may raise: how long the run trains."""
+"""What ``--resume RUN_DIR`` may change: how long the run trains (its steps or epochs only upwards)."""
 # fields a resumed run may change freely: where and how often it logs, saves and evaluates,
 # its length and time budget, and worker counts (the data order follows the seed and the epoch only)
 BOOKKEEPING = {f"train.{k}" for k in ("run_name", "output_dir", "num_workers", "threads", "log_every",
@@ -132,19 +133,21 @@ def started_rank() -> int:
 
 
 @contextmanager
-def holding(run_dir: Path, first: bool, overwrite: bool, new: bool = True) -> Iterator[None]:
+def holding(run_dir: Path, first: bool, overwrite: bool, new: bool = True) -> Iterator[Any]:
     """A run's hold on its folder, in the ``first`` process only: :func:`locked`, and on a
-    failure: an overwritten run's files put back if the new run had not started, and a
-    ``new`` run that saved no checkpoint removed (:func:`discard_unsaved`)."""
+    failure: an overwritten run's files put back if the new run had not started, and the files
+    of a ``new`` run that saved no checkpoint removed (:func:`discard_unsaved`), once the caller
+    has set ``claimed`` on what this yields (after :func:`claim`: a refused folder keeps its files)."""
+    hold = SimpleNamespace(claimed=False)
     if not first:
-        yield
+        yield hold
         return
     with locked(run_dir):
         try:
-            yield
+            yield hold
         except BaseException:
             note = undo_overwrite(run_dir) if overwrite else None
-            note = note or (discard_unsaved(run_dir) if new else None)
+            note = note or (discard_unsaved(run_dir) if new and hold.claimed else None)
             if note:
                 print(note, file=sys.stderr)
             raise
@@ -269,9 +272,11 @@ def resumed(run_dir: Path, flags: list[tuple[str, str | None]], accept_changes: 
         return t.max_steps or (math.ceil(t.epochs * per_epoch) if per_epoch else math.inf)
 
     was, now = saved.train, run.train
-    problems = [f"--train.{k} {getattr(now, k)}: lower than the run's {getattr(was, k)}; resuming may only raise it"
-                for k in ("max_steps", "epochs") if (getattr(now, k) or 0) < (getattr(was, k) or 0)
-                and (k == "max_steps" or now.max_steps is None)]  # epochs count only without max_steps
+    problems = []
+    if total(now) < total(was):
+        given = ", ".join(f"--{k} {v}" for k, v in flags if k.replace("-", "_") != "train.max_minutes")
+        problems.append(f"{given}: the run would stop after {total(now):.0f} steps, before its {total(was):.0f}; "
+                        "resuming may only raise its length")
     if now.epochs != was.epochs and now.max_steps is not None:
         problems.append(f"--train.epochs {now.epochs}: this run stops at --train.max_steps {now.max_steps}, which "
                         "overrides epochs; raise --train.max_steps instead")
@@ -280,12 +285,26 @@ def resumed(run_dir: Path, flags: list[tuple[str, str | None]], accept_changes: 
     if state["step"] >= total(now):
         from robovla.preflight import world_size
 
-        check_resume(run, run_dir, world_size(run.fabric), accept_changes)  # damaged or edited: say that instead
+        processes = state.get("world_size") or world_size(run.fabric)  # devices=auto: as many as it ran on
+        check_resume(run, run_dir, processes, accept_changes)  # damaged or edited: say that instead
         longer = f"--train.max_steps {2 * state['step']}" if now.max_steps else f"--train.epochs {2 * now.epochs:g}"
         return run, (f"{run_dir} finished at step {state['step']} of {total(now):.0f} ({folder.name}); "
                      f"nothing to resume. Train it longer with `robo-run --resume {run_dir} {longer}`, or evaluate it "
                      f"with `robo-run eval --run {run_dir}`")
     return run, None
+
+
+def record_length(run_dir: Path, config_text: str) -> None:
+    """A resumed run's config.toml, replaced (atomically) by ``config_text`` when that gives the run
+    another length (:data:`EXTEND`); left as it is otherwise."""
+    import tomllib
+
+    file = Path(run_dir) / CONFIG
+    was, now = (tomllib.loads(text).get("train", {}) for text in (file.read_text(), config_text))
+    if any(was.get(k.split(".")[1]) != now.get(k.split(".")[1]) for k in EXTEND):
+        tmp = file.with_name(f".{CONFIG}.tmp")
+        tmp.write_text(config_text)
+        os.replace(tmp, file)
 
 
 def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: int, overwrite: bool,

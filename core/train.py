@@ -150,11 +150,12 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
                     precision=f.precision)
     first = previous is None and runs.started_rank() == 0  # the one process that checks and holds the folder
-    with runs.holding(run_dir, first, overwrite, new=resume is None):
+    with runs.holding(run_dir, first, overwrite, new=resume is None) as hold:
         if first:
             for note in runs.checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
                                             accept_changes):
                 print(note)
+            hold.claimed = True  # from here a failure before the first checkpoint takes this run's files away
         os.environ[RUN_DIR_ENV] = str(run_dir)  # ranks started by the launcher choose the same folder
         try:
             result = fabric.launch(_main, run, config_text, run_dir, resume is not None, progress)
@@ -222,8 +223,8 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     if folder and sharded:
         fabric.load(folder / checkpoint.SHARDED, {"model": model, "optimizer": optimizer})
         state = checkpoint.read_state(folder)
-    if resuming and fabric.is_global_zero:  # the checkpoint loaded: config.toml records any raised length
-        (run_dir / checkpoint.CONFIG).write_text(config_text)
+    if resuming and fabric.is_global_zero:  # the checkpoint loaded: config.toml records a raised length
+        runs.record_length(run_dir, config_text)
     s = Session(fabric, run, run_dir, vla, model, optimizer, loader, val_loader,
                 Logs.open(run_dir, fabric.is_global_zero, state["step"] if state else None, t.wandb_project),
                 steps_per_epoch, total=t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch)),
@@ -403,7 +404,10 @@ def save(s: Session) -> None:
         if not s.sharded:
             checkpoint.write_model(tmp, s.vla, s.optimizer, lora=s.run.lora.enabled)
         checkpoint.commit(s.run_dir, s.step, tmp, state)
-        plot(s.run_dir)  # the curves so far, beside every checkpoint
+        try:
+            plot(s.run_dir)  # the curves so far, beside every checkpoint
+        except Exception as exc:  # noqa: BLE001 - a picture never ends a run
+            fabric.print(f"note: loss.png not drawn at step {s.step}: {type(exc).__name__}: {exc}")
     fabric.barrier()
 
 

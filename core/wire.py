@@ -95,7 +95,9 @@ def decode_npz(body: bytes, fields: Mapping[str, Field], what: str = "body", ski
     # every entry the zip reader lists starts with this signature: counting them bounds its work
     most = len(fields) + (MAX_SKIPPED if skip else 0)
     if body.count(b"PK\x01\x02") > most + STRAY_SIGNATURES:
-        raise WireError(f"the {what} has more zip entries than its {most} fields; send numpy.savez output")
+        ignored = f" and at most {MAX_SKIPPED} ignored {skip}* fields" if skip else ""
+        raise WireError(f"the {what} has more zip entries than its {len(fields)} fields{ignored}; send numpy.savez "
+                        "output")
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except Exception as exc:  # noqa: BLE001 - zipfile's refusals (BadZipFile, ValueError, OSError, ...)

@@ -23,8 +23,7 @@ import robovla
 from robovla import checkpoint, logs
 from robovla import config as cfg
 from robovla import train as train_module
-from robovla.cli import main, parse_run_args
-from robovla.errors import missing_folder
+from robovla.cli import main, next_commands, parse_run_args
 
 from helpers import TINY_CNN_LSTM, TINY_TRAINING, synth_split
 from test_hostile_runs import fingerprint, tiny_argv
@@ -102,26 +101,6 @@ def test_synthesize_goes_with_the_path_of_its_own_source(tmp_path):
     file.write_text(f'[dataset]\nname = "calvin"\npath = "{path}"\nsynthesize = 3\n')  # both from the file: kept
     notes.clear()
     assert cfg.resolve("demo", file, [], notes).dataset.config.synthesize == 3 and notes == []
-
-
-def test_missing_folder_names_the_nearest_folder_what_it_holds_and_the_near_miss(tmp_path):
-    task = tmp_path / "task_D_D"
-    for name in ("training", "validation", ".hidden"):
-        (task / name).mkdir(parents=True)
-    (task / "notes.txt").write_text("x")
-    holds = f"no such folder; the nearest existing folder is {task}, which holds notes.txt, training/, validation/"
-    assert missing_folder(task / "trainng") == f"{holds} (did you mean {task / 'training'}?)"
-    assert missing_folder(task / "zzz" / "training") == holds  # no near miss: no hint
-    assert missing_folder(task / "notes.txt") == "is a file, not a folder"
-    assert missing_folder(task / "notes.txt" / "training") == f"no such folder ({task / 'notes.txt'} is a file)"
-    assert missing_folder(task / "training" / "x") == \
-        f"no such folder; the nearest existing folder is {task / 'training'}, which holds nothing"
-    many = tmp_path / "many"
-    for i in range(14):
-        (many / f"ep{i}").mkdir(parents=True)
-    assert missing_folder(many / "ep100x") == \
-        f"no such folder; the nearest existing folder is {many}, which holds ep0/, ep1/, ep2/, ep3/, ep4/, ep5/, " \
-        f"ep6/, ep7/, ep8/, ep9/, ep10/, ep11/, ... (14 entries) (did you mean {many / 'ep10'}?)"
 
 
 # ---------------------------------------------------------------- 2. what a later choice drops
@@ -229,10 +208,11 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(trained, tmp_path, 
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--train.max_steps", "2"], "--train.max_steps 2: lower than the run's 4; resuming may only raise it"),
+    (["--train.max-steps", "2"], "--train.max-steps 2: the run would stop after 2 steps, before its 4; resuming may "
+                                 "only raise its length"),  # the dash spelling, as for a new run
     (["--train.lr", "1"], "--resume continues a run with its saved config.toml; drop --train.lr (start a new run to "
-                          "change the configuration; on resume only --train.max_steps, --train.epochs, "
-                          "--train.max_minutes may be raised)"),
+                          "change the configuration; on resume only the run's length, --train.max_steps, "
+                          "--train.epochs, --train.max_minutes, may change)"),
     (["--train.epochs", "10"], "--train.epochs 10.0: this run stops at --train.max_steps 4, which overrides epochs; "
                                "raise --train.max_steps instead"),
 ])
@@ -292,11 +272,14 @@ def test_a_run_ends_with_the_commands_to_use_it(trained):
     assert lines[0] == f"run saved in {run}. Next:"
     rows = [line.split("  # ") for line in lines[1:]]
     assert [(c.strip(), w) for c, w in rows] == [
-        (f"robo-run eval --run {run}", "offline metrics and closed-loop evaluation"),
+        (f"robo-run eval --run {run}", "offline metrics"),  # no --train.eval_env: no closed loop either
         (f"robo-run serve --run {run}", "a policy server (robovla.client.PolicyClient)"),
         (f"robo-run --resume {run} --train.max_steps 8", "train it longer"),
         (f"python -c 'import robovla; print(robovla.Policy.from_run(\"{run}\"))'", "the policy in Python")]
     assert len({line.index("  # ") for line in lines[1:]}) == 1  # the comments line up
+    longer = cfg.resolve("none", run / "config.toml", [("train.max_steps", "9")])  # as if stopped by max_minutes
+    assert re.search(rf"\n  robo-run --resume {re.escape(str(run))} +# train on to its end \(it stopped at step 4\)\n",
+                     next_commands(longer, run))
     text = repr(robovla.Policy.from_run(run))
     assert text.startswith(f"Policy({run} (step-000004), backbone cnn-pool, head lstm, cameras ['gripper'], image "
                            "size 32, window 4, chunk 3, execution "), text

@@ -29,6 +29,7 @@ import pytest
 
 import robovla
 from robovla.cli import main
+from robovla.errors import missing_folder
 from robovla.safe_read import RefusedPickleError, RestrictedUnpickler, load_npy
 from robovla.windows import WindowDataset
 from robovla_plugins.datasets.calvin.dataset import CalvinDataError
@@ -586,3 +587,26 @@ def test_legitimate_pickles_that_reuse_strings_or_hold_long_lines_still_load(tmp
         assert back["language"]["ann"] == stored["language"]["ann"] and back["info"] == stored["info"], protocol
         assert type(back["language"]["emb"]) is np.ndarray  # a plain array, as np.load gives
         np.testing.assert_array_equal(back["language"]["emb"], stored["language"]["emb"])
+
+
+def test_missing_folder_names_the_nearest_folder_what_it_holds_and_the_near_miss(tmp_path):
+    task = tmp_path / "task_D_D"
+    for name in ("training", "validation", ".hidden"):
+        (task / name).mkdir(parents=True)
+    (task / "notes.txt").write_text("x")
+    holds = f"no such folder; the nearest existing folder is {task}, which holds notes.txt, training/, validation/"
+    assert missing_folder(task / "trainng") == f"{holds} (did you mean {task / 'training'}?)"
+    assert missing_folder(task / "zzz" / "training") == holds  # no near miss: no hint
+    assert missing_folder(task / "notes.txt") == "is a file, not a folder"
+    assert missing_folder(task / "notes.txt" / "training") == f"no such folder ({task / 'notes.txt'} is a file)"
+    assert missing_folder(task / "training" / "x") == \
+        f"no such folder; the nearest existing folder is {task / 'training'}, which holds nothing"
+    many = tmp_path / "many"
+    for i in range(14):
+        (many / f"ep{i}").mkdir(parents=True)
+    assert missing_folder(many / "ep100x") == \
+        f"no such folder; the nearest existing folder is {many}, which holds ep0/, ep1/, ep2/, ep3/, ep4/, ep5/, " \
+        f"ep6/, ep7/, ep8/, ep9/, ep10/, ep11/, ... (14 entries) (did you mean {many / 'ep10'}?)"
+    (task / "dangling").symlink_to(tmp_path / "nowhere")
+    assert missing_folder(task / "dangling") == \
+        f"no such folder: {task / 'dangling'} is a broken symbolic link (to {tmp_path / 'nowhere'})"

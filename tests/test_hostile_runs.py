@@ -449,8 +449,10 @@ def test_a_run_that_failed_before_its_first_save_leaves_no_folder_and_a_killed_o
     (tmp_path / "early").mkdir()
     (tmp_path / "early" / "config.toml").write_text("# a run killed before its first save\n")
     assert main(argv) == 1
+    err = capsys.readouterr().err
     assert f"{tmp_path / 'early'} holds a run that saved no checkpoint (config.toml): it stopped before its first " \
-           "save. Start it over with --overwrite" in capsys.readouterr().err
+           "save. Start it over with --overwrite" in err and "removed" not in err
+    assert (tmp_path / "early" / "config.toml").read_text() == "# a run killed before its first save\n"  # refused: kept
     assert main([*argv, "--overwrite"]) == 0 and checkpoint.last(tmp_path / "early").name == "step-000004"
 
 
