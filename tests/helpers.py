@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 ROBO_RUN = Path(sys.executable).with_name("robo-run")
@@ -24,6 +27,25 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a command, capturing text output, never raising on a non-zero exit."""
     return subprocess.run(args, capture_output=True, text=True, env=env or clean_env(), cwd=cwd, timeout=600)
+
+
+@contextmanager
+def pip_installed(source: Path, distribution: str) -> Iterator[list[dict]]:
+    """``source`` installed into this environment with pip (no dependencies, no build isolation,
+    as a user's checkout installs) for the block; yields its rows of ``robo-run plugins --json``.
+    Uninstalled afterwards, and checked gone from the listing."""
+    pip = [sys.executable, "-m", "pip"]
+    installed = run(pip + ["install", "--no-deps", "--no-build-isolation", "--no-cache-dir", str(source)])
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    try:
+        listing = run([str(ROBO_RUN), "plugins", "--json"])
+        assert listing.returncode == 0, listing.stderr
+        yield [r for r in json.loads(listing.stdout) if r["distribution"] == distribution]
+    finally:
+        removed = run(pip + ["uninstall", "-y", distribution])
+    assert removed.returncode == 0, removed.stderr
+    after = json.loads(run([str(ROBO_RUN), "plugins", "--json"]).stdout)
+    assert not [r for r in after if r["distribution"] == distribution]
 
 
 def fake_distribution(site: Path, dist: str, version: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from helpers import EXAMPLE, ROBO_RUN, ROOT, clean_env, run
+from helpers import EXAMPLE, ROBO_RUN, ROOT, clean_env, pip_installed, run
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +16,8 @@ pytestmark = pytest.mark.slow
 def test_out_of_tree_plugin_installed_with_pip(tmp_path):
     source = tmp_path / "plugin_example"
     shutil.copytree(EXAMPLE, source)  # setuptools writes build/ and egg-info next to the sources
-    pip = [sys.executable, "-m", "pip"]
-    installed = run(pip + ["install", "--no-deps", "--no-build-isolation", "--no-cache-dir", str(source)])
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    try:
-        listing = run([str(ROBO_RUN), "plugins", "--json"])
-        assert listing.returncode == 0, listing.stderr
-        rows = {r["name"]: r for r in json.loads(listing.stdout) if r["distribution"] == "robovla-example"}
+    with pip_installed(source, "robovla-example") as listed:
+        rows = {r["name"]: r for r in listed}
         assert set(rows) == {"example-linear", "example-clip"}
         assert all((r["version"], r["status"], r["entry_point"]) == ("0.1.0", "ok", "example = robovla_example")
                    for r in rows.values())
@@ -36,11 +31,6 @@ def test_out_of_tree_plugin_installed_with_pip(tmp_path):
         assert api.stdout.splitlines() == ["['example-linear'] robovla-example 0.1.0", "(2, 8, 10, 6) 0.5"]
         fields = run([str(ROBO_RUN), "config", "--head", "example-linear", "--help"])
         assert "--head.gripper_weight" in fields.stdout, fields.stderr
-    finally:
-        removed = run(pip + ["uninstall", "-y", "robovla-example"])
-    assert removed.returncode == 0, removed.stderr
-    after = json.loads(run([str(ROBO_RUN), "plugins", "--json"]).stdout)
-    assert not [r for r in after if r["distribution"] == "robovla-example"]
 
 
 def test_wheel_carries_registry_and_runs_in_a_fresh_venv(tmp_path):

@@ -3,7 +3,6 @@ installs with pip, passes robovla's conformance kit, has the shapes the page giv
 and the kit's failures read as the page shows them (one message, the other checks skipped)."""
 
 import importlib
-import json
 import math
 import re
 import sys
@@ -20,7 +19,7 @@ from robovla.head import Dims
 from robovla.testing import backbones as kit
 from robovla.vla import VLA
 
-from helpers import ROBO_RUN, ROOT, TINY_TRAINING, run, synth_split
+from helpers import ROBO_RUN, ROOT, TINY_TRAINING, pip_installed, run, synth_split
 
 GUIDE = (ROOT / "docs" / "writing-plugins.md").read_text()
 PACKAGE = {"pyproject.toml", "robovla_minivlm/__init__.py", "robovla_minivlm/backbone.py", "tests/conftest.py",
@@ -69,13 +68,7 @@ def test_the_page_holds_one_complete_package():
 @pytest.mark.slow
 def test_the_pages_plugin_installs_with_pip_and_passes_the_kit(tmp_path):
     source = write_package(tmp_path / "source")  # pip writes build/ and egg-info beside what it installs
-    pip = [sys.executable, "-m", "pip"]
-    installed = run(pip + ["install", "--no-deps", "--no-build-isolation", "--no-cache-dir", str(source)])
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    try:
-        listing = run([str(ROBO_RUN), "plugins", "--json"])
-        assert listing.returncode == 0, listing.stderr
-        rows = [r for r in json.loads(listing.stdout) if r["distribution"] == "robovla-minivlm"]
+    with pip_installed(source, "robovla-minivlm") as rows:
         assert [(r["kind"], r["name"], r["version"], r["status"], r["entry_point"]) for r in rows] == [
             ("backbone", "mini-vlm", "0.1.0", "ok", "minivlm = robovla_minivlm")]
         checkout = write_package(tmp_path / "robovla-minivlm")  # the page's `cd robovla-minivlm && pytest tests ...`
@@ -83,11 +76,6 @@ def test_the_pages_plugin_installs_with_pip_and_passes_the_kit(tmp_path):
                        "--robovla-distribution", "robovla-minivlm"], cwd=checkout)
         assert checked.returncode == 0, checked.stdout + checked.stderr
         assert f" {len(testing.CHECKS['backbone'])} passed" in checked.stdout, checked.stdout
-    finally:
-        removed = run(pip + ["uninstall", "-y", "robovla-minivlm"])
-    assert removed.returncode == 0, removed.stderr
-    after = json.loads(run([str(ROBO_RUN), "plugins", "--json"]).stdout)
-    assert not [r for r in after if r["distribution"] == "robovla-minivlm"]
 
 
 def test_the_pages_backbone_has_the_shapes_the_page_gives(minivlm):
