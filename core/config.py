@@ -410,19 +410,18 @@ def compose(layers: list[Layer], flags: list[tuple[str, str | None]] = (), notes
     models, _ = component_models(merge(layers + [("command line", choices)])[0])
     layer, problems = cli_layer(list(flags), models)
     dropped: list[Dropped] = []
-    data, origin = merge(layers + [("command line", layer)], dropped)
-    found = discarded(data, origin, dropped, models, [label for label, _ in layers] + ["command line"])
-    if notes is not None:
-        notes += found
+    layers = layers + [("command line", layer)]
+    data, origin = merge(layers, dropped)
+    (notes if notes is not None else []).extend(discarded(data, origin, dropped, models, layers))
     return validate(data, origin, problems=problems)
 
 
 def discarded(data: dict, origin: dict, dropped: list[Dropped], models: dict[str, type[BaseModel]],
-              order: list[str]) -> list[str]:
-    """Notes on what composing discards: the fields of a component a later source replaced (and
-    those the new one has too, now at its defaults), and a field declared ``json_schema_extra=
-    {"same_source_as": OTHER}`` set by an older source than OTHER (removed from ``data``)."""
-    notes = []
+              layers: list[Layer]) -> list[str]:
+    """Notes on what composing discards: a component's fields a later choice replaced (and those the
+    new one has too, now at its defaults), and a ``json_schema_extra={"same_source_as": OTHER}`` field
+    set by an older source than the one giving OTHER another value (removed from ``data``)."""
+    notes, order = [], [label for label, _ in layers]
     for d in dropped:
         listed = ", ".join(f"{flag(d.section, k)} {shown(v, 30)}" for k, v in d.values.items())
         notes.append(f"{flag(d.section)} {d.new[0]} (from {d.new[1]}) replaces {d.old[0]} (from {d.old[1]}), "
@@ -441,8 +440,9 @@ def discarded(data: dict, origin: dict, dropped: list[Dropped], models: dict[str
             if other is None or (section, name) not in origin or (section, other) not in origin:
                 continue
             mine, theirs = origin[(section, name)], origin[(section, other)]
-            value = read_none(data.get(section, {}).get(name))
-            if order.index(mine) < order.index(theirs) and value not in (None, info.default):
+            value, before = read_none(data[section].get(name)), dict(layers)[mine].get(section, {}).get(other)
+            same = str(Path(str(before)).expanduser()) == str(Path(str(data[section][other])).expanduser())
+            if order.index(mine) < order.index(theirs) and value not in (None, info.default) and not same:
                 del data[section][name]
                 notes.append(f"{flag(section, name)} {shown(value, 30)} (from {mine}) goes with {mine}'s own "
                              f"{flag(section, other)} and is dropped, since {flag(section, other)} now comes from "

@@ -86,6 +86,8 @@ def test_synthesize_goes_with_the_path_of_its_own_source(tmp_path):
     path = str(tmp_path / "mine" / "training")
     notes: list[str] = []
     assert cfg.resolve("demo", None, [], notes).dataset.config.synthesize == 400 and notes == []  # its own path
+    own = str(Path("~/.cache/robovla/synthetic-reach-400/training").expanduser())  # the same path, given again
+    assert cfg.resolve("demo", None, [("dataset.path", own)], notes).dataset.config.synthesize == 400 and notes == []
     _, flags, _ = parse_run_args(["--dataset.path", path, "--dataset.synthesize", "7"])
     run = cfg.resolve("demo", None, flags, notes)
     assert run.dataset.config.synthesize == 7 and str(run.dataset.config.path) == path and notes == []
