@@ -178,11 +178,12 @@ def _main(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
     if stopped is not None:
         s.logs.close()
         raise Interrupted(stopped, run_dir, s.step)
-    final = s.validated[1] if s.validated and s.validated[0] == s.step else validate(s)
+    late = not (s.validated and s.validated[0] == s.step)  # validated after the last save drew loss.png
+    final = validate(s) if late else s.validated[1]
     if fabric.is_global_zero and final:
         fabric.print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
     s.logs.close()
-    if fabric.is_global_zero:
+    if fabric.is_global_zero and late and final:
         plot(run_dir)
     return str(run_dir)
 
