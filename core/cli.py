@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from robovla import config as cfg
+from robovla import preflight
 from robovla.flags import read_flag
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError, UnknownNameError
@@ -83,7 +83,7 @@ def resolve(argv: list[str]) -> cfg.RunConfig:
             raise ConfigError([p + "\n" + hint if p.startswith("--dataset.path: required") else p
                                for p in exc.problems]) from None
         raise
-    if first_process():
+    if preflight.first_process():
         for note in notes:
             print(f"robo-run: note: {note}", file=sys.stderr)
     return resolved
@@ -202,8 +202,6 @@ def cmd_train(argv: list[str]) -> int:
             return 0
     else:
         run = resolve(argv)
-    from robovla import preflight
-
     preflight.check(run, resuming=resume is not None)  # before any process, model or cache: every problem at once
     from robovla.train import Interrupted, train
 
@@ -213,7 +211,7 @@ def cmd_train(argv: list[str]) -> int:
     except Interrupted as exc:
         print(f"robo-run: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    if first_process():
+    if preflight.first_process():
         print(next_commands(run, run_dir))
     return 0
 
@@ -238,13 +236,6 @@ def next_commands(run: cfg.RunConfig, run_dir: Path) -> str:
             (f"python -c {shlex.quote(python)}", "the policy in Python")]
     width = max(len(command) for command, _ in rows)
     return "\n".join([f"run saved in {run_dir}. Next:"] + [f"  {c:<{width}}  # {w}" for c, w in rows])
-
-
-def first_process() -> bool:
-    """Whether this process speaks for the run: not one of the processes a launcher (torchrun,
-    SLURM, Fabric's own) started besides the first."""
-    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else None)
-    return rank in (None, "", "0") and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def plugin_rows() -> list[dict[str, Any]]:
@@ -368,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"robo-run: error: {_unknown_command(argv[0])}", file=sys.stderr)
         return 2
     try:
-        if command != "plugins" and first_process():  # plugins shows it in its table
+        if command != "plugins" and preflight.first_process():  # plugins shows it in its table
             for clash in registry().clashes:  # once per command, not once per process it launches
                 print(f"robo-run: warning: {clash}", file=sys.stderr)
         if command in ("train", "config") and any(a in ("-h", "--help") for a in argv):

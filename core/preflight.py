@@ -10,10 +10,15 @@ process is launched, a model built or a cache written:
   ``--fabric.devices`` fits it (on a CPU every device is a process: at most one per core),
   the strategy's package is installed and fits the accelerator, and a multi-node run has
   the variables that let its machines find each other (else it would wait forever);
-- the data: the dataset opens, holds every camera the backbone reads, knows every task
-  ``--dataset.tasks`` names, and gives at least one global batch of windows;
+- the data: the dataset opens (a task folder given instead of its ``training/`` is named),
+  holds every camera the backbone reads and the action array the action space reads, of the
+  size it decodes, knows every task ``--dataset.tasks`` names, and gives at least one global
+  batch of windows; the validation split opens, has the cameras, and is not the training
+  folder itself;
 - names and packages: ``--train.eval_env`` is a registered environment, wandb is installed
   for ``--train.wandb_project``.
+
+It also says which process of a launched run speaks for it (:func:`first_process`).
 
 Two conventions let core check components it does not know: a backbone config with a
 ``cameras`` field reads those cameras, and a dataset config with a ``tasks`` field keeps only
@@ -129,6 +134,19 @@ def cpu_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def started_rank() -> int:
+    """This process's rank when an outside launcher (torchrun, SLURM's srun) started every
+    process of the run; 0 otherwise."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else None)
+    return int(rank) if rank and rank.isdigit() else 0
+
+
+def first_process() -> bool:
+    """Whether this process speaks for the run: not one of the processes a launcher (torchrun,
+    SLURM, Fabric's own) started besides the first."""
+    return started_rank() == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 CLUSTER_VARIABLES = ("MASTER_ADDR", "NODE_RANK", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "LSB_JOBID",

@@ -125,13 +125,6 @@ def undo_overwrite(run_dir: Path) -> str | None:
     return f"--overwrite: the new run failed before it started; the earlier run in {run_dir} is as it was"
 
 
-def started_rank() -> int:
-    """This process's rank when an outside launcher (torchrun, SLURM's srun) started every
-    process of the run; 0 otherwise."""
-    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_NTASKS" in os.environ else None)
-    return int(rank) if rank and rank.isdigit() else 0
-
-
 @contextmanager
 def holding(run_dir: Path, first: bool, overwrite: bool, new: bool = True) -> Iterator[Any]:
     """A run's hold on its folder, in the ``first`` process only: :func:`locked`, and on a

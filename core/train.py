@@ -36,6 +36,7 @@ from robovla import checkpoint, runs
 from robovla.config import RunConfig
 from robovla.errors import ConfigError
 from robovla.logs import Logs, plot
+from robovla.preflight import started_rank
 from robovla.runs import load_rng, save_rng
 
 RUN_DIR_ENV = "ROBOVLA_RUN_DIR"  # how re-launched ranks learn the run folder the first one chose
@@ -149,7 +150,7 @@ def train(run: RunConfig, config_text: str, resume: Path | None = None, progress
     previous = os.environ.get(RUN_DIR_ENV)  # set: a process the launcher started, the folder checked already
     fabric = Fabric(accelerator=f.accelerator, devices=f.devices, num_nodes=f.num_nodes, strategy=f.strategy,
                     precision=f.precision)
-    first = previous is None and runs.started_rank() == 0  # the one process that checks and holds the folder
+    first = previous is None and started_rank() == 0  # the one process that checks and holds the folder
     with runs.holding(run_dir, first, overwrite, new=resume is None) as hold:
         if first:
             for note in runs.checked_folder(run, run_dir, resume is not None, fabric.world_size, overwrite,
