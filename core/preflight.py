@@ -222,12 +222,7 @@ def data_problems(run: RunConfig) -> list[str]:
     except (RobovlaError, OSError) as exc:
         from robovla.registry import summary
 
-        inside = [p.name for p in (Path(path).expanduser() / s for s in ("training", "validation")) if p.is_dir()] \
-            if path is not None else []
-        hint = f" ({path} is a task folder holding {' and '.join(s + '/' for s in inside)}: pass --dataset.path " \
-               f"{Path(path) / 'training'})" if "training" in inside else \
-            f" ({path} is a task folder holding only validation/: train on a training split)" if inside else ""
-        return [f"--dataset {name}: {summary(str(exc))}{hint}"]
+        return [f"--dataset {name}: {summary(str(exc))}{task_folder_hint(path)}"]
     found = split_problems(run, path) + action_problems(run, dataset, bounds)
     if run.train.cache == "auto" and path is not None:
         from robovla.frame_cache import CACHE_DIR
@@ -268,6 +263,17 @@ def _task_problems(name: str, config: Any, tasks: list[str]) -> list[str]:
         return [f"--dataset.tasks: cannot list the split's tasks: {exc}"]
     have.discard(None)
     return [f"--dataset.tasks: {unknown('task', task, have)}" for task in tasks if task not in have]
+
+
+def task_folder_hint(path: Any) -> str:
+    """For a dataset path that does not open: the split to pass when it is a task folder."""
+    if path is None:
+        return ""
+    inside = [s for s in ("training", "validation") if (Path(path).expanduser() / s).is_dir()]
+    if "training" in inside:
+        return f" ({path} is a task folder holding {' and '.join(s + '/' for s in inside)}: pass --dataset.path " \
+               f"{Path(path) / 'training'})"
+    return f" ({path} is a task folder holding only validation/: train on a training split)" if inside else ""
 
 
 def split_problems(run: RunConfig, path: Any) -> list[str]:
