@@ -36,6 +36,11 @@ class ActionSpace(abc.ABC):
         The default needs none; spaces that normalize from statistics override it.
         """
 
+    def fit_statistics(self, stats: dict[str, list[float]]) -> bool:
+        """Take statistics the dataset ships (:meth:`robovla.Dataset.statistics`) instead of
+        fitting; True when taken. The default takes none, so :meth:`fit` runs."""
+        return False
+
     @abc.abstractmethod
     def encode(self, actions: np.ndarray, robot_obs: np.ndarray) -> np.ndarray:
         """Raw actions [..., A] with robot_obs [..., 15] -> float32 targets [..., A] in [-1, 1]."""

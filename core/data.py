@@ -53,13 +53,17 @@ def open_dataset(run: RunConfig, split: str = "train") -> Any:
     source = robovla.create("dataset", run.dataset.name, config)
     if run.train.cache == "none":
         return source
-    folder = Path(config["path"]).expanduser() / CACHE_DIR if run.train.cache == "auto" \
-        else Path(run.train.cache).expanduser() / split
+    root = Path(getattr(source, "root", None) or Path(config["path"]).expanduser())  # a hub id's local copy
+    folder = root / CACHE_DIR if run.train.cache == "auto" else Path(run.train.cache).expanduser() / split
     return CachedDataset(source, folder)
 
 
 def fit_action_space(space: Any, dataset: Any) -> None:
-    """One streaming pass over the annotated frames, block by block, for the space's statistics."""
+    """The dataset's own statistics when the space takes them, else one streaming pass over the
+    annotated frames, block by block."""
+    shipped = getattr(dataset, "statistics", lambda key: None)(space.source)
+    if shipped is not None and getattr(space, "fit_statistics", lambda stats: False)(shipped):
+        return
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for a, b in frame_blocks(merged_ranges(dataset.segments())):

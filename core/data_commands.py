@@ -4,6 +4,7 @@
     robo-run data stats PATH [--dataset NAME] [--json]
     robo-run data synth --out DIR [--episodes N] [--seed S] [--dataset NAME]
     robo-run data cache PATH [--out DIR] [--dataset NAME]
+    robo-run data export --to lerobot PATH OUT [--dataset NAME] [--images] [--fps F] [--action-key KEY]
 
 The dataset reader is a plugin (``--dataset``, default: the default preset's dataset) and
 is built with ``path = PATH``.
@@ -49,7 +50,7 @@ def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
 def _open(args: argparse.Namespace) -> Any:
     if not args.dataset:
         raise RobovlaError("no dataset reader chosen; pass --dataset NAME (robo-run plugins lists them)")
-    return create("dataset", args.dataset, {"path": args.path})
+    return create("dataset", args.dataset, {"path": str(args.path)})
 
 
 def cmd_check(argv: list[str]) -> int:
@@ -66,14 +67,22 @@ def cmd_check(argv: list[str]) -> int:
         counts["samples"] = int(sample_counts(dataset.segments(), args.window).sum())
     except RobovlaError:  # what made it unreadable is among the problems
         counts = {}
+    try:
+        mapping = dataset.mapping()
+    except RobovlaError:  # among the problems too
+        mapping = {}
     report = {"frames": counts.get("frames"), "segments": counts.get("segments"),
-              "annotations": counts.get("annotations"), "samples": counts.get("samples"),
+              "annotations": counts.get("annotations"), "samples": counts.get("samples"), "mapping": mapping,
               "problems": [{"file": q.file, "key": q.key, "message": q.message} for q in problems]}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{args.path}: " + ", ".join(f"{v} {k}" for k, v in report.items() if k != "problems" and v is not None)
+        print(f"{args.path}: " + ", ".join(f"{v} {k}" for k, v in report.items()
+                                           if k not in ("problems", "mapping") and v is not None)
               + f" (window {args.window})")
+        width = max(map(len, mapping), default=0)
+        for part, source in mapping.items():
+            print(f"  {part:<{width}} <- {source}")
         for q in problems:
             print(f"  {q.file}" + (f" [{q.key}]" if q.key else "") + f": {q.message}")
         print(f"{len(problems)} problem{'s' * (len(problems) != 1)}")
@@ -151,7 +160,34 @@ def cmd_cache(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"check": cmd_check, "stats": cmd_stats, "synth": cmd_synth, "cache": cmd_cache}
+def cmd_export(argv: list[str]) -> int:
+    p = _parser("export", "Write a dataset split in another format: --to lerobot writes a LeRobotDataset v3.0 "
+                "(one episode per language-annotated segment, its instruction the task).")
+    p.add_argument("out", type=Path, help="the new dataset folder (new or empty)")
+    p.add_argument("--to", required=True, choices=["lerobot"], help="the format to write")
+    p.add_argument("--images", action="store_true", help="store PNG images in the parquet files instead of AV1 "
+                   "videos (larger, lossless)")
+    p.add_argument("--fps", type=int, default=30, help="frames per second of the recording (default 30, CALVIN's)")
+    p.add_argument("--action-key", default=None, help="the action array written as `action` (default rel_actions "
+                   "when the dataset loads it, else its first)")
+    p.add_argument("--robot-type", default=None, help="info.json's robot_type (default: the dataset's name)")
+    args = p.parse_args(argv)
+    _within(args, "fps", 1, 1000, "the frame rate")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
+        raise ConfigError([f"OUT {args.out}: {what}; export writes a new dataset there: pass a new or empty folder"],
+                          header="cannot parse the command line")
+    from robovla_plugins.datasets.lerobot.export import export
+
+    counts = export(_open(args), args.out, fps=args.fps, robot_type=args.robot_type or args.dataset,
+                    action_key=args.action_key, images=args.images)
+    print(json.dumps(counts) if args.json else f"{args.out}: a LeRobotDataset v3.0 of {counts['episodes']} episodes, "
+          f"{counts['frames']} frames, {counts['tasks']} tasks; train on it with --dataset lerobot "
+          f"--dataset.path {args.out} --action-space continuous")
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "stats": cmd_stats, "synth": cmd_synth, "cache": cmd_cache, "export": cmd_export}
 
 
 def main(argv: list[str]) -> int:

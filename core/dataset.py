@@ -113,3 +113,13 @@ class Dataset(abc.ABC):
     def describe(self) -> dict[str, int]:
         """Counts for reports (``robo-run data check``); datasets add their own (frames, ...)."""
         return {"annotations": len(self.segments())}
+
+    def mapping(self) -> dict[str, str]:
+        """What each part of a batch is read from (``robo-run data check`` prints it), e.g.
+        ``{"camera static": "observation.images.top (video, 480x640x3)"}``; {} when fixed by the format."""
+        return {}
+
+    def statistics(self, key: str) -> dict[str, list[float]] | None:
+        """Statistics the dataset ships for action key ``key`` (per dimension: min, max, mean,
+        std, q01, q99, ...), which an action space may take instead of fitting; None: none."""
+        return None

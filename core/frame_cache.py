@@ -220,6 +220,12 @@ class CachedDataset(Dataset):
     def describe(self) -> dict[str, int]:
         return self.source.describe()
 
+    def mapping(self) -> dict[str, str]:
+        return self.source.mapping()
+
+    def statistics(self, key: str) -> dict[str, list[float]] | None:
+        return self.source.statistics(key)
+
     def fingerprint(self) -> Any:
         return self.source.fingerprint()
 
