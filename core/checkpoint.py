@@ -10,13 +10,11 @@
                                 sha256 of every file and of action_stats.json), rng-<rank>.json
       checkpoints/last          symlink to the newest complete checkpoint
 
-With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint
-(``sharded/``, every process writes its shard) beside the same state.json. A checkpoint is
-written into a hidden temporary folder, flushed to disk, and renamed into place; only then
-does ``last`` move (by renaming a new symlink over it). A process killed at any moment
-leaves ``last`` at a complete checkpoint; unfinished folders are removed the next time the
-run starts. Reading one checks state.json and every file's sha256 (older
-checkpoints are read unverified); a file that cannot be read is a :class:`DamagedError`.
+With FSDP or DeepSpeed the weights and optimizer state are Fabric's sharded checkpoint (``sharded/``, one shard
+per process) beside the same state.json. A checkpoint is written into a hidden temporary folder, flushed and
+renamed into place; only then does ``last`` move (a new symlink renamed over it): a process killed at any moment
+leaves it at a complete checkpoint. Reading one checks state.json and every file's sha256 (older checkpoints are
+unverified); an unreadable file is a :class:`DamagedError`. In an exported policy export.json stands in for last.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ from robovla.errors import ConfigError, RobovlaError
 
 CHECKPOINTS, LAST, STATE, OPTIMIZER, FULL = "checkpoints", "last", "state.json", "optimizer.pt", "model.safetensors"
 SHARDED = "sharded"  # FSDP and DeepSpeed: Fabric's own sharded checkpoint of model and optimizer
-CONFIG, STATS = "config.toml", "action_stats.json"
+CONFIG, STATS, EXPORTED = "config.toml", "action_stats.json", "export.json"  # EXPORTED: robovla.sharing
 STEP_NAME = re.compile(r"step-(\d+)")
 SECTIONS = ("backbone", "head", "dataset", "action_space")  # every saved config.toml names one of each
 
@@ -280,6 +278,8 @@ def last(run_dir: Path) -> Path:
     names = sorted(p.name for p in root.glob("step-*") if p.is_dir() and STEP_NAME.fullmatch(p.name))
     relink = f"rm -r {link} && ln -s" if link.is_dir() and not link.is_symlink() else "ln -sfn"  # a copied folder
     fix = f"fix: point it at a checkpoint: {relink} {names[-1]} {link}" if names else "and no step-N folder is there"
+    if not link.exists() and not link.is_symlink() and len(names) == 1 and (root.parent / EXPORTED).is_file():
+        return root / names[0]  # an exported policy (robovla.sharing) as the hub stores it: without links
     if not link.exists() and not link.is_symlink():
         raise CheckpointError(f"{run_dir}: no complete checkpoint ({link} is missing); the run saved none yet, "
                               "or this is not a run folder" + (f"; {fix}" if names else ""))

@@ -323,6 +323,18 @@ def cmd_serve(argv: list[str]) -> int:
     return server.main(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    from robovla import sharing
+
+    return sharing.main_export(argv)
+
+
+def cmd_push(argv: list[str]) -> int:
+    from robovla import sharing
+
+    return sharing.main_push(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a policy (the default command)"),
     "config": (cmd_config, "print the resolved configuration as TOML"),
@@ -332,6 +344,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (cmd_eval, "evaluate a run: offline metrics, closed loop (CALVIN long-horizon protocol)"),
     "serve": (cmd_serve, "serve a run's policy over HTTP (numpy payloads, one state per session)"),
     "convert": (cmd_convert, "convert another framework's checkpoint (e.g. RoboVLMs) into a run folder"),
+    "export": (cmd_export, "export a run as a folder to share: weights, config, reports and a model card"),
+    "push": (cmd_push, "export a run and upload it to a Hugging Face hub model repo"),
 }
 
 

@@ -153,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
         prog="robo-run eval", description="Evaluate a trained run: offline metrics on a validation split and "
         "closed-loop control in an env (CALVIN's long-horizon protocol, or single-task episodes). Env fields: "
         "--env.FIELD VALUE.")
-    p.add_argument("--run", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--run", type=Path, help="the run folder (runs/<name>), an exported one, or a Hugging Face hub "
+                   "repo id (owner/name; downloaded, reports then go to eval/owner/name/<checkpoint>)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="REPORT",
                    help="merge the long-horizon reports of shards (--shard) into one, instead of evaluating")
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
@@ -200,6 +201,7 @@ def main(argv: list[str]) -> int:
     from robovla.checkpoint import run_config
     from robovla.closed_loop import closed_loop, env_spec, merge
     from robovla.flags import section_flags
+    from robovla.sharing import local_folder
 
     argv, env_fields = section_flags(argv, "env")
     args = parser().parse_args(argv)
@@ -216,6 +218,7 @@ def main(argv: list[str]) -> int:
     if args.record < 0 or not args.env_timeout > 0:
         raise ConfigError([f"--record {args.record}: must be >= 0" if args.record < 0 else
                            f"--env-timeout {args.env_timeout}: must be > 0 seconds"], header="invalid arguments")
+    source, args.run = args.run, local_folder(args.run, "--run")  # a hub repo id: its files, downloaded
     run = cfg.resolve(cfg.NONE, run_config(args.run, f"--run {args.run}", header="cannot evaluate"), [])
     env_name = args.env or run.train.eval_env
     do_offline = not args.closed_loop
@@ -231,9 +234,9 @@ def main(argv: list[str]) -> int:
 
         require_av()  # before the model loads
     policy = load_policy(args, "cannot evaluate")
-    out = args.out or args.run / "eval" / policy.info["checkpoint"]
+    out = args.out or (args.run / "eval" if args.run == source else Path("eval") / source) / policy.info["checkpoint"]
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{args.run.name} @ {policy.info['checkpoint']}"
+    title = f"{source.name} @ {policy.info['checkpoint']}"
     progress = not args.no_progress
     written = []
     if do_offline:

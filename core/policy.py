@@ -230,6 +230,20 @@ class Policy:
                 "dataset": run.dataset.name}
         return cls(vla.to(device), space, execution=execution, precision=precision, info=info)
 
+    @classmethod
+    def from_pretrained(cls, source: str | Path, checkpoint: str | Path | None = None, *, device: str = "cpu",
+                        precision: Literal["32-true", "bf16-mixed"] = "32-true",
+                        execution: str | Execution = "first") -> Policy:
+        """:meth:`from_run` of a local folder (``robo-run export``'s, or any run folder) or of a Hugging
+        Face hub repo id (``owner/name``), downloaded into the hub's cache; the hub is reached only when
+        ``source`` is not a local folder, and offline the error says what to download."""
+        from robovla.sharing import local_folder
+
+        policy = cls.from_run(local_folder(source, "Policy.from_pretrained"), checkpoint, device=device,
+                              precision=precision, execution=execution)
+        policy.info["source"] = str(source)
+        return policy
+
     def metadata(self) -> dict[str, Any]:
         """What a client needs to know: cameras and image size, window, chunk, action space, execution."""
         from robovla import __version__

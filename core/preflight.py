@@ -5,7 +5,7 @@ what one field cannot know is checked here, once the whole run is resolved and b
 process is launched, a model built or a cache written:
 
 - folders: ``--train.output_dir`` and ``--train.cache`` can be created and written,
-  ``--train.val_path`` and ``--train.init`` exist;
+  ``--train.val_path`` and ``--train.init`` exist (a hub repo id given to ``--train.init`` is downloaded);
 - the machine: ``--fabric.accelerator`` is there (no CUDA device, no GPU run),
   ``--fabric.devices`` fits it (on a CPU every device is a process: at most one per core),
   the strategy's package is installed and fits the accelerator, and a multi-node run has
@@ -121,9 +121,23 @@ def folder_problems(run: RunConfig) -> list[str]:
         found.append(f"--train.val_path {t.val_path}: no such folder; give the validation split folder, "
                      "or auto (the dataset path's sibling validation/) or none")
     if t.init is not None and not Path(t.init).expanduser().exists():
-        found.append(f"--train.init {t.init}: no such run or checkpoint folder; give runs/<name> or "
-                     "runs/<name>/checkpoints/step-N")
+        found.append(init_problem(t.init))
     return [p for p in found if p]
+
+
+def init_problem(init: str) -> str | None:
+    """What is wrong with a ``--train.init`` that names no local folder: a Hugging Face repo id that
+    cannot be downloaded (robovla.sharing), or neither; None once the repo's files are here."""
+    from robovla.sharing import ShareError, is_repo_id, local_folder
+
+    if not is_repo_id(init):
+        return (f"--train.init {init}: no such run or checkpoint folder; give runs/<name>, "
+                "runs/<name>/checkpoints/step-N or a Hugging Face repo id (owner/name) of an exported policy")
+    try:
+        local_folder(init, "--train.init")
+    except ShareError as exc:
+        return str(exc)
+    return None
 
 
 # ---------------------------------------------------------------------------- machine

@@ -308,8 +308,9 @@ def checked_folder(run: RunConfig, run_dir: Path, resuming: bool, world_size: in
     if resuming:
         return check_resume(run, run_dir, world_size, accept_changes)
     from robovla import checkpoint
+    from robovla.sharing import local_folder
 
-    init = run.train.init and Path(run.train.init).expanduser().resolve()
+    init = run.train.init and local_folder(run.train.init, "--train.init").resolve()  # a hub repo: downloaded
     if overwrite and init and init.is_relative_to(Path(run_dir).resolve()):
         raise RunFolderError(f"--train.init {run.train.init} is inside {run_dir}, which --overwrite would delete")
     if init:

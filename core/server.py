@@ -64,6 +64,7 @@ from robovla.evaluation import CHECKPOINT_HELP, load_policy
 from robovla.policy import MAX_IMAGE_SIDE, MAX_INSTRUCTION, ObservationError, Policy, check_observation
 from robovla.server_http import (ENDPOINTS, TOKEN_ENV, HTTPServer, RequestError, fit_descriptors, seed_from,
                                  token_from)
+from robovla.sharing import local_folder
 from robovla.wire import (IMAGE_PREFIX, MAX_SKIPPED, NPZ, Field, WireError, decode_observation, encode_action,
                           observation_fields)
 
@@ -375,7 +376,8 @@ def bind_error(host: str, port: int, exc: OSError) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="robo-run serve", description="Serve a trained run's policy over HTTP: one "
                                 "policy state per client session, numpy payloads (see robovla.client).")
-    p.add_argument("--run", required=True, type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--run", required=True, type=Path, help="the run folder (runs/<name>), an exported one, or a "
+                   "Hugging Face hub repo id (owner/name; downloaded)")
     p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -406,6 +408,7 @@ def main(argv: list[str]) -> int:
             p.error(f"--{flag.replace('_', '-')} must be a finite number of seconds (> 0), got {value}")
     token = token_from(args.token)
     fit_descriptors(args.max_connections)  # before the model loads: a refusal costs nothing
+    args.run = local_folder(args.run, "--run")  # a hub repo id: its files, downloaded
     policy = load_policy(args, "cannot serve")
     try:
         server = PolicyServer(policy, args.host, args.port, args.max_batch, args.max_sessions,

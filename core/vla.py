@@ -135,6 +135,7 @@ def build(run: RunConfig, init: bool = True) -> VLA:
     import robovla
     from robovla import checkpoint, finetune
     from robovla.head import Dims
+    from robovla.sharing import local_folder
 
     t = run.train
     torch.manual_seed(t.seed)
@@ -144,6 +145,6 @@ def build(run: RunConfig, init: bool = True) -> VLA:
     head = robovla.create("head", run.head.name, run.head.config, dims=dims)
     vla = VLA(backbone, head, lrn_tokens=t.lrn_tokens, ablate=t.ablate)
     if init and t.init is not None:
-        checkpoint.init_weights(vla, t.init)
+        checkpoint.init_weights(vla, local_folder(t.init, "--train.init"))  # a hub repo id: its files
     finetune.setup(vla, t, run.lora)
     return vla
