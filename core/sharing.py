@@ -252,7 +252,7 @@ def evaluations(folder: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(report, dict) or "shard" in report:
             continue
         if report.get("protocol") == "episodes":
-            env = report.get("env") or config["train"].get("eval_env")
+            env = report.get("env") or str(config["train"].get("eval_env", "none")).replace("none", "env")
             found.append(dict(file=rel, on=env, size=f"{report['episodes']} episodes", type="success_rate",
                               value=report["success_rate"], name=METRICS["success_rate"], report=report))
         elif report.get("protocol") == "long-horizon":
