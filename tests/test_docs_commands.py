@@ -100,6 +100,10 @@ SYNOPSIS = {  # the grammar block: each command's own help
     "robo-run eval --run RUN_DIR [...] offline metrics and closed-loop evaluation of a run": run("eval", "--help"),
     "robo-run serve --run RUN_DIR [...] a policy server (HTTP, numpy payloads)": run("serve", "--help"),
     "robo-run convert SOURCE CKPT --base BASE --out RUN_DIR [--config JSON]": run("convert", "--help"),
+    "robo-run export RUN_DIR OUT [...] a run as a folder to share: weights, config, reports, model card":
+        run("export", "--help"),
+    "robo-run push RUN_DIR REPO_ID [--private] export a run and upload it to the Hugging Face hub":
+        run("push", "--help"),
 }
 EVAL_CALVIN = ["eval", "--run", "runs/demo", "--env", "calvin", "--env.path", "{calvin}", *CALVIN]
 README = {
@@ -127,6 +131,16 @@ README = {
     "robo-run eval --run RUN_DIR --env calvin --env.path /data/task_D_D/validation --sequences 1000":
         run(*EVAL_CALVIN, "--sequences", "2"),
     "python: with PolicyClient(\"http://127.0.0.1:8000\") as policy:": ("client", []),
+    "robo-run export runs/demo exports/demo": run("export", "runs/demo", "exports/demo"),
+    "robo-run push runs/demo your-name/robovla-demo --private":  # uploads: against a fake HfApi there
+        elsewhere("tests/test_sharing.py::test_push_exports_and_uploads_through_huggingface_hub_faked"),
+    "python: policy = robovla.Policy.from_pretrained(\"exports/demo\")": ("python", []),
+    "robo-run serve --run exports/demo": ("serve", ["exports/demo"]),
+    "robo-run eval --run exports/demo --env synthetic --sequences 1000":
+        run("eval", "--run", "exports/demo", "--env", "synthetic", "--sequences", "2", "--steps", "5", "--no-progress"),
+    "robo-run --config exports/demo/config.toml --train.init exports/demo --dataset.path /data/my_task/training":
+        run("--config", "exports/demo/config.toml", "--train.init", "exports/demo", "--dataset.path", "{synth}",
+            *QUICK),
     "robo-run convert robovlms kosmos_ph_calvin_abcd.pt --base microsoft/kosmos-2-patch14-224 --out "
     "runs/kosmos-ph-abcd --config <exp>-project.json":
         run("convert", "robovlms", "{ckpt}", "--base", "{base}", "--out", "runs/kosmos-ph-abcd", "--config", "{json}"),
