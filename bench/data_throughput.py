@@ -1,11 +1,13 @@
-"""Samples/s of the whole training-sample pipeline: per-frame npz reading against the frame cache.
+"""Samples/s of the whole training-sample pipeline: per-frame npz reading against the frame cache,
+and the same episodes as a LeRobotDataset: MP4 decoding on every read against the frame cache.
 
-    python bench/data_throughput.py [--data DIR] [--episodes 200] [--batches 40] [--workers 2]
+    python bench/data_throughput.py [--data DIR] [--episodes 200] [--batches 40] [--workers 2] [--no-lerobot]
 
 Window 8, chunk 10, both cameras, random shift, resized to 224, batches of 8 through a
-DataLoader with 2 workers; the same files, the same process, the two readers alternating
-(npz, cache, npz, cache) so that machine noise hits both alike. Without --data it writes a
-synthetic split of --episodes episodes into a temporary folder first.
+DataLoader with 2 workers; the same episodes, the same process, the readers alternating
+(npz, cache, mp4, mp4 cache, npz, ...) so that machine noise hits all alike. Without --data
+it writes a synthetic split of --episodes episodes into a temporary folder first; the
+LeRobot copy is written with ``robo-run data export --to lerobot`` (AV1, lerobot's settings).
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from robovla.loader import Preprocess, make_loader
 from robovla.windows import WindowDataset
 
 
+def action_space(dataset):
+    """rel-world for CALVIN's files; for a LeRobotDataset, continuous on its statistics."""
+    if "lerobot" not in type(getattr(dataset, "source", dataset)).__module__:
+        return robovla.create("action_space", "rel-world")
+    from robovla.data import fit_action_space
+
+    space = robovla.create("action_space", "continuous")
+    fit_action_space(space, dataset)
+    return space
+
+
 def samples_per_second(dataset, args) -> float:
-    space = robovla.create("action_space", "rel-world")
-    windows = WindowDataset(dataset, space, window=8, chunk=10)
+    windows = WindowDataset(dataset, action_space(dataset), window=8, chunk=10)
     loader = make_loader(windows, batch_size=8, preprocess=Preprocess(image_size=224), num_workers=args.workers,
                          seed=0)
     it = iter(loader)
@@ -37,7 +49,7 @@ def samples_per_second(dataset, args) -> float:
 
 def reads_per_second(dataset, n: int = 200) -> float:
     """Windows read and cut per second in this process, no preprocessing: the reader alone."""
-    windows = WindowDataset(dataset, robovla.create("action_space", "rel-world"), window=8, chunk=10)
+    windows = WindowDataset(dataset, action_space(dataset), window=8, chunk=10)
     step = max(len(windows) // n, 1)
     start = time.perf_counter()
     for i in range(0, step * n, step):
@@ -51,6 +63,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200, help="synthetic episodes when --data is not given")
     parser.add_argument("--batches", type=int, default=40, help="batches of 8 timed per measurement")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--no-lerobot", action="store_true", help="skip the LeRobotDataset copy")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.data
@@ -63,18 +76,33 @@ def main() -> None:
         t = time.perf_counter()
         build(source, Path(tmp) / "cache", progress=False)
         print(f"built the frame cache in {time.perf_counter() - t:.1f} s")
-        cached = CachedDataset(source, Path(tmp) / "cache", rebuild=False)
-        rates: dict[str, list[float]] = {"npz": [], "cache": []}
+        readers = {"npz": source, "cache": CachedDataset(source, Path(tmp) / "cache", rebuild=False)}
+        if not args.no_lerobot:
+            from robovla_plugins.datasets.lerobot.export import export
+
+            t = time.perf_counter()
+            export(source, Path(tmp) / "lerobot", progress=False)
+            mp4 = robovla.create("dataset", "lerobot", {"path": str(Path(tmp) / "lerobot")})
+            print(f"exported it as a LeRobotDataset (AV1) in {time.perf_counter() - t:.1f} s")
+            t = time.perf_counter()
+            build(mp4, Path(tmp) / "mp4-cache", progress=False)
+            print(f"built its frame cache in {time.perf_counter() - t:.1f} s")
+            readers.update({"mp4": mp4, "mp4 cache": CachedDataset(mp4, Path(tmp) / "mp4-cache", rebuild=False)})
+        rates: dict[str, list[float]] = {name: [] for name in readers}
         for _ in range(2):
-            rates["npz"].append(samples_per_second(source, args))
-            rates["cache"].append(samples_per_second(cached, args))
-        npz, cache = statistics.median(rates["npz"]), statistics.median(rates["cache"])
-        print(f"per-frame npz: {npz:8.1f} samples/s   runs {[round(r, 1) for r in rates['npz']]}")
-        print(f"frame cache:   {cache:8.1f} samples/s   runs {[round(r, 1) for r in rates['cache']]}")
-        print(f"cache / npz:   {cache / npz:8.2f}x   (the whole pipeline, {args.workers} workers)")
-        raw_npz, raw_cache = reads_per_second(source), reads_per_second(cached)
-        print(f"reader alone:  npz {raw_npz:.0f} windows/s, cache {raw_cache:.0f} windows/s, "
-              f"{raw_cache / raw_npz:.0f}x (one process, no resize or shift)")
+            for name, reader in readers.items():
+                rates[name].append(samples_per_second(reader, args))
+        median = {name: statistics.median(r) for name, r in rates.items()}
+        for name, r in rates.items():
+            print(f"{name:<10} {median[name]:8.1f} samples/s   runs {[round(x, 1) for x in r]}")
+        print(f"cache / npz:       {median['cache'] / median['npz']:8.2f}x   (the whole pipeline, {args.workers} "
+              "workers)")
+        if "mp4" in median:
+            print(f"mp4 cache / mp4:   {median['mp4 cache'] / median['mp4']:8.2f}x   (decoding once, not per read)")
+            print(f"mp4 cache / cache: {median['mp4 cache'] / median['cache']:8.2f}x   (LeRobot path against CALVIN's)")
+        raw = {name: reads_per_second(reader) for name, reader in readers.items()}
+        print("reader alone:      " + ", ".join(f"{name} {r:.0f}" for name, r in raw.items())
+              + " windows/s (one process, no resize or shift)")
 
 
 if __name__ == "__main__":

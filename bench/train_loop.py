@@ -1,7 +1,7 @@
 """Time per training step of the demo run, end to end (loader, model, optimizer, logging),
 for variants measured side by side in one invocation.
 
-    python bench/train_loop.py [--steps 300] [--rounds 3] [--against PATH] [--json]
+    python bench/train_loop.py [--steps 300] [--rounds 3] [--against PATH] [--lerobot] [--json]
 
 Each variant trains the demo preset (``robo-run --preset demo``: cnn-pool + LSTM on the
 synthetic reach task, 2 CPU threads) for ``--steps`` steps without validation, evaluation
@@ -17,6 +17,8 @@ Variants:
                    memory, as when torch lacks the storage use count (robovla.batch_ring)
   --against PATH   another robovla checkout (its core/ and plugins/ imported instead),
                    e.g. a worktree of an earlier commit
+  --lerobot        the same episodes as a LeRobotDataset (robo-run data export --to lerobot,
+                   AV1 videos), trained through --dataset lerobot --action-space continuous
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def shim(folder: Path, checkout: Path) -> Path:
     return folder
 
 
-def seconds_per_step(code: str, steps: int, out: Path, name: str, env: dict[str, str]) -> float:
+def seconds_per_step(code: str, steps: int, out: Path, name: str, env: dict[str, str],
+                     extra: tuple[str, ...] = ()) -> float:
     argv = ["--preset", "demo", "--train.max_steps", str(steps), "--train.val_path", "none", "--train.eval_env",
             "none", "--train.checkpoint_every", str(10 * steps), "--train.output_dir", str(out),
-            "--train.run_name", name]
+            "--train.run_name", name, *extra]
     done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
@@ -59,28 +62,44 @@ def seconds_per_step(code: str, steps: int, out: Path, name: str, env: dict[str,
     return state["train_seconds"] / state["step"]
 
 
+def lerobot_copy(out: Path) -> tuple[str, ...]:
+    """The demo's training split (written first if needed) exported as a LeRobotDataset into
+    ``out``; the flags that train the demo recipe on it."""
+    import robovla
+    from robovla import registry_file
+    from robovla_plugins.datasets.lerobot.export import export
+
+    config = {k: v for k, v in registry_file.preset("demo")["dataset"].items() if k != "name"}
+    export(robovla.create("dataset", "calvin", config), out, progress=False)
+    return ("--dataset", "lerobot", "--dataset.path", str(out), "--dataset.cameras", "gripper", "--action-space",
+            "continuous")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every variant (default 3)")
     parser.add_argument("--against", type=Path, default=None, help="another robovla checkout to compare with")
+    parser.add_argument("--lerobot", action="store_true", help="also train on a LeRobotDataset copy of the episodes")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         # every variant imports its robovla the same way, from a folder on PYTHONPATH: an
         # editable install's import hooks alone shift these times by a few percent
         mine = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(shim(Path(tmp) / "this", ROOT))}
-        variants = {"this tree": (RUN.format(setup=""), mine), "fresh batches": (RUN.format(setup=FRESH), mine)}
+        variants = {"this tree": (RUN.format(setup=""), mine, ()), "fresh batches": (RUN.format(setup=FRESH), mine, ())}
         if args.against is not None:
             other = {**mine, "PYTHONPATH": str(shim(Path(tmp) / "other", args.against))}
-            variants[f"{args.against}"] = (RUN.format(setup=""), other)
+            variants[f"{args.against}"] = (RUN.format(setup=""), other, ())
+        if args.lerobot:
+            variants["lerobot dataset"] = (RUN.format(setup=""), mine, lerobot_copy(Path(tmp) / "lerobot"))
         times: dict[str, list[float]] = {name: [] for name in variants}
         names = list(variants)
         for r in range(args.rounds):
             for i in range(len(names)):  # each round starts with the next variant: no variant always goes first
                 name = names[(r + i) % len(names)]
-                code, variant_env = variants[name]
-                times[name].append(seconds_per_step(code, args.steps, Path(tmp), f"r{r}-v{i}", variant_env))
+                code, variant_env, extra = variants[name]
+                times[name].append(seconds_per_step(code, args.steps, Path(tmp), f"r{r}-v{i}", variant_env, extra))
                 print(f"round {r + 1}/{args.rounds} {name}: {1000 * times[name][-1]:.2f} ms/step", file=sys.stderr)
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["this tree"]

@@ -49,7 +49,7 @@ def open_dataset(run: RunConfig, split: str = "train") -> Any:
     if split == "val":
         if path is None:
             return None
-        config["path"] = path
+        config["path"] = str(path)
     source = robovla.create("dataset", run.dataset.name, config)
     if run.train.cache == "none":
         return source

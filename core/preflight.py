@@ -309,7 +309,7 @@ def validation_problems(run: RunConfig, cameras: Any) -> list[str]:
         path = split_path(run, "val")
         if path is None:
             return []
-        dataset = robovla.create("dataset", run.dataset.name, {**dict(run.dataset.config), "path": path})
+        dataset = robovla.create("dataset", run.dataset.name, {**dict(run.dataset.config), "path": str(path)})
         dataset.segment_table()
     except (RobovlaError, OSError) as exc:
         from robovla.registry import summary

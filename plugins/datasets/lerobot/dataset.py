@@ -70,6 +70,11 @@ class LeRobotDataset(robovla.Dataset):
                                 "--action-space continuous reads)")
         revision: str | None = Field(None, description="with a hub id: the branch, tag or commit to download")
 
+        @pydantic.field_validator("path", mode="before")
+        @classmethod
+        def _folder_as_text(cls, value: Any) -> Any:
+            return os.fspath(value) if isinstance(value, os.PathLike) else value
+
         @pydantic.field_validator("cameras")
         @classmethod
         def _once_each(cls, value: list[str] | None) -> list[str] | None:
@@ -92,6 +97,21 @@ class LeRobotDataset(robovla.Dataset):
         self._episodes: files.Episodes | None = None
         self._columns: dict[Path, dict[str, np.ndarray]] = {}
         self._images: dict[tuple[Path, str], Any] = {}
+
+    @classmethod
+    def synthesize(cls, out: Path, episodes: int, seed: int) -> dict[str, Any]:
+        """The synthetic reach task (``robo-run data synth``) as LeRobotDatasets: training/ and
+        validation/ of ``out``, written in CALVIN's layout first and exported."""
+        import tempfile
+
+        from robovla_plugins.datasets.calvin.synthetic import write_task
+        from robovla_plugins.datasets.lerobot.export import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            splits = write_task(Path(tmp), episodes, seed)
+            return {split: export(robovla.create("dataset", "calvin", {"path": str(Path(tmp) / split)}),
+                                  Path(out) / split, robot_type="synthetic-reach", progress=False)
+                    for split in splits}
 
     def __getstate__(self) -> dict[str, Any]:  # workers re-read lazily
         return {**self.__dict__, "_columns": {}, "_images": {}}
@@ -162,6 +182,7 @@ class LeRobotDataset(robovla.Dataset):
             wanted = ["index", "timestamp", "task_index", self.config.action_key]
             if self.config.state_key and self.config.state_key != NONE:
                 wanted.append(self.config.state_key)
+            wanted = list(dict.fromkeys(wanted))  # the state may be read from the action column too
             names = files.pyarrow_parquet().read_schema(file).names
             missing = [c for c in wanted if c not in names]
             if missing:
@@ -218,10 +239,24 @@ class LeRobotDataset(robovla.Dataset):
     # ----------------------------------------------------------------------- reading
 
     def load(self, start: int, end: int) -> Frames:
-        e = self._episode_of(start)
+        """Frames start..end; a range over several episodes (the frame cache reads adjacent
+        segments in one block) is read episode by episode and joined."""
         ep = self.episodes()
-        if end > ep.end[e]:
-            raise KeyError(f"frames {start}..{end} cross the end of episode {int(ep.index[e])} (frame {ep.end[e]})")
+        parts = []
+        while True:
+            e = self._episode_of(start)
+            parts.append(self._load(e, start, min(end, int(ep.end[e]))))
+            if end <= ep.end[e]:
+                break
+            start = int(ep.end[e]) + 1
+        if len(parts) == 1:
+            return parts[0]
+        return Frames(images={c: np.concatenate([p.images[c] for p in parts]) for c in parts[0].images},
+                      robot_obs=np.concatenate([p.robot_obs for p in parts]),
+                      actions={k: np.concatenate([p.actions[k] for p in parts]) for k in parts[0].actions})
+
+    def _load(self, e: int, start: int, end: int) -> Frames:
+        ep = self.episodes()
         file = files.data_file(self.root, self.info, *ep.data_file[e])
         cols = self._file_columns(file)
         rows = self._rows(cols, start, end)

@@ -81,10 +81,16 @@ def hf_features(feats: dict[str, Any]) -> dict[str, Any]:
 def stats_of(values: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
     """min, max, mean, std, count and quantiles: per dimension of [n, d], or per channel of
     images [n, H, W, 3] scaled to [0, 1] (then each shaped [3, 1, 1], as lerobot stores them)."""
-    if image:
-        flat = np.moveaxis(values, -1, 0).reshape(3, -1).astype(np.float64) / 255.0
-        per = {"min": flat.min(1), "max": flat.max(1), "mean": flat.mean(1), "std": flat.std(1)}
-        per.update({f"q{round(q * 100):02d}": np.quantile(flat, q, axis=1) for q in QUANTILES})
+    if image:  # uint8: every statistic from each channel's 256-bin histogram, exactly
+        flat = np.moveaxis(np.asarray(values, np.uint8), -1, 0).reshape(3, -1)
+        hist = np.stack([np.bincount(c, minlength=256) for c in flat]).astype(np.float64)
+        level = np.arange(256) / 255.0
+        p = hist / hist.sum(1, keepdims=True)
+        mean = p @ level
+        cdf = np.cumsum(p, 1)
+        per = {"min": level[np.argmax(hist > 0, 1)], "max": level[255 - np.argmax(hist[:, ::-1] > 0, 1)],
+               "mean": mean, "std": np.sqrt(np.maximum(p @ level ** 2 - mean ** 2, 0))}
+        per.update({f"q{round(q * 100):02d}": level[np.argmax(cdf >= q, 1)] for q in QUANTILES})
         out = {k: v.reshape(3, 1, 1) for k, v in per.items()}
     else:
         v = values.reshape(len(values), -1)
@@ -94,6 +100,20 @@ def stats_of(values: np.ndarray, image: bool = False) -> dict[str, np.ndarray]:
     out["count"] = np.asarray([len(values)], np.int64)
     order = ["min", "max", "mean", "std", "count", *(f"q{round(q * 100):02d}" for q in QUANTILES)]
     return {k: out[k] for k in order}
+
+
+def aggregate(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The dataset's statistics from its episodes' (as lerobot combines them): min of the minima,
+    max of the maxima, the count-weighted mean, the pooled standard deviation, and quantiles as
+    the count-weighted mean of the episodes' quantiles."""
+    n = np.asarray([p["count"][0] for p in parts], np.float64)
+    w = (n / n.sum()).reshape(-1, *[1] * np.ndim(parts[0]["mean"]))
+    mean = (w * np.stack([p["mean"] for p in parts])).sum(0)
+    var = (w * (np.stack([p["std"] for p in parts]) ** 2 + (np.stack([p["mean"] for p in parts]) - mean) ** 2)).sum(0)
+    out = {"min": np.min([p["min"] for p in parts], 0), "max": np.max([p["max"] for p in parts], 0), "mean": mean,
+           "std": np.sqrt(var), "count": np.asarray([int(n.sum())], np.int64)}
+    out.update({k: (w * np.stack([p[k] for p in parts])).sum(0) for k in parts[0] if k.startswith("q")})
+    return {k: out[k] for k in parts[0]}
 
 
 def _jsonable(stats: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -120,11 +140,16 @@ class _Videos:
             self.streams[camera] = (container, stream)
 
     def add(self, camera: str, images: np.ndarray) -> None:
+        """Append one episode; its first frame is a key frame (as in lerobot's files, where each
+        episode is encoded alone and the files joined), so that an episode decodes on its own."""
         import av
 
         container, stream = self.streams[camera]
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
+        for i, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if i == 0:
+                frame.pict_type = av.video.frame.PictureType.I
+            for packet in stream.encode(frame):
                 container.mux(packet)
 
     def close(self) -> None:
@@ -134,12 +159,13 @@ class _Videos:
             container.close()
 
 
-def _png(image: np.ndarray) -> dict[str, Any]:
+def _png(image: np.ndarray, frame: int) -> dict[str, Any]:
+    """An image as lerobot stores one in parquet: PNG bytes and its staging file's name."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
+    return {"bytes": buf.getvalue(), "path": f"frame-{frame:06d}.png"}
 
 
 def export(dataset: Any, out: Path, *, fps: int = 30, robot_type: str = "calvin", action_key: str | None = None,
@@ -181,7 +207,6 @@ def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images,
     pq = pyarrow_parquet()
     tasks: dict[str, int] = {}
     episodes: list[dict[str, Any]] = []
-    totals: dict[str, list[np.ndarray]] = {}
     videos = None if images else _Videos(tmp, cameras, fps)
     data_file = tmp / DATA_PATH.format(chunk_index=0, file_index=0)
     data_file.parent.mkdir(parents=True)
@@ -212,10 +237,7 @@ def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images,
                                 f"videos/{IMAGE_PREFIX}{camera}/from_timestamp": start,
                                 f"videos/{IMAGE_PREFIX}{camera}/to_timestamp": start + n / fps})
                 else:
-                    columns[IMAGE_PREFIX + camera] = [_png(img) for img in frames.images[camera]]
-                totals.setdefault(IMAGE_PREFIX + camera, []).append(picked)
-            for k in ("observation.state", "action", *INDEX_COLUMNS):
-                totals.setdefault(k, []).append(columns[k])
+                    columns[IMAGE_PREFIX + camera] = [_png(img, i) for i, img in enumerate(frames.images[camera])]
             writer.write_table(pa.table({name: _column(pa, columns[name], schema.field(name).type)
                                          for name in schema.names}, schema=schema))
             episodes.append({**row, "stats": stats})
@@ -224,7 +246,7 @@ def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images,
         writer.close()
         if videos is not None:
             videos.close()
-    _write_meta(pa, pq, tmp, feats, episodes, tasks, totals, fps, robot_type, index)
+    _write_meta(pa, pq, tmp, feats, episodes, tasks, fps, robot_type, index)
     return {"episodes": len(episodes), "frames": index, "tasks": len(tasks)}
 
 
@@ -251,7 +273,7 @@ def _column(pa: Any, values: Any, type_: Any) -> Any:
     return pa.array(values, type_)
 
 
-def _write_meta(pa, pq, tmp, feats, episodes, tasks, totals, fps, robot_type, frames) -> None:
+def _write_meta(pa, pq, tmp, feats, episodes, tasks, fps, robot_type, frames) -> None:
     (tmp / "meta").mkdir()
     rows = []
     for ep in episodes:
@@ -278,11 +300,7 @@ def _write_meta(pa, pq, tmp, feats, episodes, tasks, totals, fps, robot_type, fr
     task_table = pa.table({"task_index": pa.array([tasks[t] for t in names], pa.int64()),
                            "__index_level_0__": pa.array(names, pa.large_string())})
     pq.write_table(task_table.replace_schema_metadata({"pandas": json.dumps(pandas)}), tmp / TASKS)
-    stats = {}
-    for feature in _stats_order(feats):
-        image = feature.startswith(IMAGE_PREFIX)
-        values = np.concatenate(totals[feature]) if not image else np.concatenate(totals[feature])
-        stats[feature] = stats_of(values if image else values.reshape(len(values), -1), image=image)
+    stats = {f: aggregate([ep["stats"][f] for ep in episodes]) for f in _stats_order(feats)}
     (tmp / STATS).write_text(json.dumps(_jsonable(stats), indent=4))
     info = {"codebase_version": VERSION, "robot_type": robot_type, "total_episodes": len(episodes),
             "total_frames": frames, "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
