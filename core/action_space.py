@@ -24,7 +24,10 @@ class ActionSpace(abc.ABC):
     """
 
     Config: ClassVar[type[ComponentConfig]] = ComponentConfig
-    action_dim: ClassVar[int] = 7
+    action_dim: ClassVar[int] = 7  # targets, what the model predicts
+    # raw actions and decoded commands, when their size differs from the targets' (a space may add
+    # a target the commands lack); None: action_dim
+    command_dim: ClassVar[int | None] = None
     source: ClassVar[str] = "actions"  # the dataset's action key this space reads (Frames.actions)
 
     def __init__(self, config: ComponentConfig):

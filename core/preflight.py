@@ -339,7 +339,10 @@ def action_problems(run: RunConfig, dataset: Any, bounds: Any) -> list[str]:
         return [f"--action-space {run.action_space.name}: reads the dataset's {space.source!r} actions, but dataset "
                 f"{run.dataset.name!r} loads only {sorted(have)}; load them (e.g. --dataset.action_keys "
                 f"{space.source}) or choose an action space that reads {sorted(have)}"]
-    if have[space.source] != space.action_dim:
-        return [f"--action-space {run.action_space.name}: decodes {space.action_dim} action dimensions, but the "
-                f"dataset's {space.source!r} actions have {have[space.source]}; choose an action space of that size"]
+    size = space.command_dim or space.action_dim
+    if have[space.source] != size:
+        fix = (f"pass --action-space.dim {have[space.source]}" if "dim" in type(space).Config.model_fields
+               else "choose an action space of that size")
+        return [f"--action-space {run.action_space.name}: decodes {size} action dimensions, but the "
+                f"dataset's {space.source!r} actions have {have[space.source]}; {fix}"]
     return []

@@ -10,7 +10,10 @@ Statistics come from the dataset's own (a LeRobotDataset's meta/stats.json) when
 what the normalization needs, else from one pass over the training frames. The gripper
 dimension (``--action-space.gripper``, default the last) is a binary target (1 above
 ``gripper_threshold``) and decodes to ``gripper_open`` or ``gripper_closed``; in the targets
-it comes last, after the arm dimensions in their order, as every head expects.
+it comes last, after the arm dimensions in their order, as every head expects. With
+``--action-space.gripper none`` every dimension is continuous: the targets then end in a
+constant "open" column that the heads' gripper output learns and decoding drops, so the
+model predicts dim + 1 values and commands have dim.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class Continuous(robovla.ActionSpace):
         normalization: Literal["minmax", "quantile", "meanstd"] = Field(
             "minmax", description="per-dimension normalization into [-1, 1] (see the module's doc)")
         clip_std: float = Field(3.0, gt=0, description="with normalization=meanstd: standard deviations kept")
-        gripper: int = Field(-1, description="index of the binary gripper dimension (-1: the last); the heads "
-                             "predict it with its own loss")
+        gripper: int | None = Field(-1, description="index of the binary gripper dimension (-1: the last), "
+                                    "which the heads predict with their gripper loss; none: no gripper")
         gripper_threshold: float = Field(0.0, description="raw gripper values above it are 'open'")
         gripper_open: float = Field(1.0, description="the command sent for an open gripper")
         gripper_closed: float = Field(-1.0, description="the command sent for a closed gripper")
@@ -51,17 +54,19 @@ class Continuous(robovla.ActionSpace):
         self.source = config.key
         self.action_dim = config.dim
         g = config.gripper
-        if not -config.dim <= g < config.dim or config.dim < 2:
+        if g is not None and (not -config.dim <= g < config.dim or config.dim < 2):
             raise ValueError(f"--action-space.gripper {g}: outside the {config.dim} dimensions; give an index from "
-                             f"{-config.dim} to {config.dim - 1} (and --action-space.dim 2 or more)")
-        self.gripper = g % config.dim
+                             f"{-config.dim} to {config.dim - 1} (with --action-space.dim 2 or more), or none")
+        self.gripper = None if g is None else g % config.dim
         self.arm_dims = [d for d in range(config.dim) if d != self.gripper]
+        self.command_dim = config.dim  # raw actions and commands
+        self.action_dim = config.dim + (g is None)  # targets: the arm, then the gripper (or a constant)
         self.stats: dict[str, list[float]] | None = None
 
     # ------------------------------------------------------------------- statistics
 
     def fit(self, samples: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-        stats = RunningStats(self.action_dim)
+        stats = RunningStats(self.command_dim)
         for actions, _ in samples:
             stats.update(self._checked(actions))
         self.stats = stats.result()
@@ -71,16 +76,16 @@ class Continuous(robovla.ActionSpace):
         if self.config.statistics != "dataset":
             return False
         need = NEEDS[self.config.normalization]
-        if not all(k in stats and len(stats[k]) == self.action_dim for k in need):
+        if not all(k in stats and len(stats[k]) == self.command_dim for k in need):
             return False
         self.stats = {k: [float(v) for v in stats[k]] for k in need}
         return True
 
     def _checked(self, actions: np.ndarray) -> np.ndarray:
         actions = np.asarray(actions, dtype=np.float64)
-        if actions.shape[-1] != self.action_dim:
+        if actions.shape[-1] != self.command_dim:
             raise ValueError(f"--action-space continuous: the {self.source!r} actions have {actions.shape[-1]} "
-                             f"dimensions, the space {self.action_dim}; pass --action-space.dim {actions.shape[-1]}")
+                             f"dimensions, the space {self.command_dim}; pass --action-space.dim {actions.shape[-1]}")
         return actions
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray]:
@@ -104,15 +109,19 @@ class Continuous(robovla.ActionSpace):
         actions = self._checked(actions)
         centre, half = self._affine()
         arm = np.clip((actions[..., self.arm_dims] - centre) / half, -1, 1)
-        gripper = actions[..., self.gripper:self.gripper + 1] > self.config.gripper_threshold
+        if self.gripper is None:
+            gripper = np.ones((*arm.shape[:-1], 1))
+        else:
+            gripper = actions[..., self.gripper:self.gripper + 1] > self.config.gripper_threshold
         return np.concatenate([arm, gripper], axis=-1).astype(np.float32)
 
     def decode(self, targets: np.ndarray, robot_obs: np.ndarray) -> np.ndarray:
         t = np.asarray(targets, dtype=np.float64)
         centre, half = self._affine()
-        out = np.empty(t.shape, np.float64)
+        out = np.empty((*t.shape[:-1], self.command_dim), np.float64)
         out[..., self.arm_dims] = np.clip(t[..., :-1], -1, 1) * half + centre
-        out[..., self.gripper] = np.where(t[..., -1] >= 0.5, self.config.gripper_open, self.config.gripper_closed)
+        if self.gripper is not None:
+            out[..., self.gripper] = np.where(t[..., -1] >= 0.5, self.config.gripper_open, self.config.gripper_closed)
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,7 +133,7 @@ class Continuous(robovla.ActionSpace):
             raise ValueError(f"Continuous: unknown state keys {sorted(unknown)}; expected 'stats'")
         stats = state.get("stats")
         need = NEEDS[self.config.normalization]
-        if stats is not None and not all(len(stats.get(k, ())) == self.action_dim for k in need):
+        if stats is not None and not all(len(stats.get(k, ())) == self.command_dim for k in need):
             raise ValueError(f"Continuous: statistics {sorted(stats)} do not hold {list(need)} of "
-                             f"{self.action_dim} dimensions each")
+                             f"{self.command_dim} dimensions each")
         self.stats = stats
