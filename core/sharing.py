@@ -289,7 +289,8 @@ def card_metadata(folder: Path, name: str, datasets: list[str]) -> tuple[Any, li
     tags = ["robovla", "robotics", "vision-language-action", config["backbone"]["name"], config["head"]["name"],
             config["action_space"]["name"], config["dataset"]["name"]] + (["lora"] if lora else [])
     results = [EvalResult(task_type="robotics", task_name="robot control", dataset_type=str(e["on"]),
-                          dataset_name=f"{e['on']} ({e['size']})", metric_type=e["type"], metric_value=e["value"],
+                          dataset_name=f"{e['on']} ({e['size']})", dataset_config=e["file"],  # one result a report
+                          metric_type=e["type"], metric_value=e["value"],
                           metric_name=e["name"], metric_config=e["file"]) for e in found]
     base = hub_ids(config["backbone"])
     data = ModelCardData(library_name="robovla", pipeline_tag="robotics", tags=list(dict.fromkeys(tags)),
