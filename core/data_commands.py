@@ -4,7 +4,7 @@
     robo-run data stats PATH [--dataset NAME] [--json]
     robo-run data synth --out DIR [--episodes N] [--seed S] [--dataset NAME]
     robo-run data cache PATH [--out DIR] [--dataset NAME]
-    robo-run data export --to lerobot PATH OUT [--dataset NAME] [--images] [--fps F] [--action-key KEY]
+    robo-run data export --to FORMAT PATH OUT [--dataset NAME] [--OPTION VALUE ...]
 
 The dataset reader is a plugin (``--dataset``, default: the default preset's dataset) and
 is built with ``path = PATH``.
@@ -161,29 +161,48 @@ def cmd_cache(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    p = _parser("export", "Write a dataset split in another format: --to lerobot writes a LeRobotDataset v3.0 "
-                "(one episode per language-annotated segment, its instruction the task).")
+    """Write a split in another dataset format: the format's dataset class writes it (a dataset
+    capability: a classmethod ``write(source, out, options, source_name)`` and the options model
+    ``WriteOptions``, whose fields become this command's flags)."""
+    p = _parser("export", "Write a dataset split in another format (--to lerobot: a LeRobotDataset v3.0, one "
+                "episode per language-annotated segment, its instruction the task).")
     p.add_argument("out", type=Path, help="the new dataset folder (new or empty)")
-    p.add_argument("--to", required=True, choices=["lerobot"], help="the format to write")
-    p.add_argument("--images", action="store_true", help="store PNG images in the parquet files instead of AV1 "
-                   "videos (larger, lossless)")
-    p.add_argument("--fps", type=int, default=30, help="frames per second of the recording (default 30, CALVIN's)")
-    p.add_argument("--action-key", default=None, help="the action array written as `action` (default rel_actions "
-                   "when the dataset loads it, else its first)")
-    p.add_argument("--robot-type", default=None, help="info.json's robot_type (default: the dataset's name)")
+    p.add_argument("--to", required=True, help="the dataset format to write (a dataset plugin that can write, "
+                   "e.g. lerobot); `robo-run data export --to FORMAT --help` lists its options")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--to")
+    known = pre.parse_known_args(argv)[0]
+    if known.to is None:
+        p.parse_args(argv)  # --help, or the error that --to is required
+    writer = get_component("dataset", known.to).load()
+    options_model = getattr(writer, "WriteOptions", None)
+    if not callable(getattr(writer, "write", None)) or options_model is None:
+        raise RobovlaError(f"dataset {known.to!r} cannot write datasets (its class defines no `write` and "
+                           "`WriteOptions`); choose a format that can, e.g. --to lerobot")
+    for field, info in options_model.model_fields.items():
+        flag = "--" + field.replace("_", "-")
+        if info.annotation is bool:
+            p.add_argument(flag, action="store_true", help=info.description)
+        else:
+            shown = "" if info.default is None else f" (default: {info.default})"
+            p.add_argument(flag, default=info.default, help=f"{info.description}{shown}")
     args = p.parse_args(argv)
-    _within(args, "fps", 1, 1000, "the frame rate")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
         raise ConfigError([f"OUT {args.out}: {what}; export writes a new dataset there: pass a new or empty folder"],
                           header="cannot parse the command line")
-    from robovla_plugins.datasets.lerobot.export import export
+    import pydantic
 
-    counts = export(_open(args), args.out, fps=args.fps, robot_type=args.robot_type or args.dataset,
-                    action_key=args.action_key, images=args.images)
-    print(json.dumps(counts) if args.json else f"{args.out}: a LeRobotDataset v3.0 of {counts['episodes']} episodes, "
-          f"{counts['frames']} frames, {counts['tasks']} tasks; train on it with --dataset lerobot "
-          f"--dataset.path {args.out} --action-space continuous")
+    values = {f: getattr(args, f) for f in options_model.model_fields if getattr(args, f) is not None}
+    try:
+        options = options_model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise ConfigError([f"--{str(e['loc'][0]).replace('_', '-')} {values.get(e['loc'][0])}: {e['msg']}"
+                           for e in exc.errors()], header="cannot parse the command line") from None
+    counts = writer.write(_open(args), args.out, options, args.dataset)
+    print(json.dumps(counts) if args.json else f"{args.out}: {counts['episodes']} episodes, {counts['frames']} frames"
+          f", {counts.get('tasks', '?')} tasks, as dataset {known.to!r}; train on it with --dataset {known.to} "
+          f"--dataset.path {args.out}")
     return 0
 
 

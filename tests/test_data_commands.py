@@ -26,7 +26,11 @@ def check_json(path, capsys, *extra):
 def test_a_clean_split_passes_with_counts(clean, capsys):
     code, report = check_json(clean, capsys)
     # samples: (15 - 2 - 8 + 2) + (19 - 5 - 8 + 2) = 7 + 8
-    assert (code, report) == (0, {"frames": 20, "segments": 1, "annotations": 2, "samples": 15, "problems": []})
+    mapping = {"camera static": "rgb_static", "camera gripper": "rgb_gripper", "robot_obs": "robot_obs [15]",
+               "actions['rel_actions']": "rel_actions [7]", "actions['actions']": "actions [7]",
+               "instruction": "language.ann (lang_annotations/auto_lang_ann.npy)"}
+    assert (code, report) == (0, {"frames": 20, "segments": 1, "annotations": 2, "samples": 15, "mapping": mapping,
+                                  "problems": []})
     assert check_json(clean, capsys, "--window", "4")[1]["samples"] == 11 + 12
 
 

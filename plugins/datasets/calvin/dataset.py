@@ -228,6 +228,12 @@ class CalvinDataset(robovla.Dataset):
         h.update(repr(sorted(listing)).encode())
         return h.hexdigest()
 
+    def mapping(self) -> dict[str, str]:
+        """What each part of a batch is read from, in every episode_%07d.npz."""
+        return {**{f"camera {c}": CAMERA_KEYS[c] for c in self.cameras}, "robot_obs": "robot_obs [15]",
+                **{f"actions[{k!r}]": f"{k} [7]" for k in self.config.action_keys},
+                "instruction": f"language.ann ({ANNOTATIONS})"}
+
     def describe(self) -> dict[str, int]:
         ranges = self.recordings()
         return {"frames": int((ranges[:, 1] - ranges[:, 0] + 1).sum()), "segments": len(ranges),

@@ -98,6 +98,25 @@ class LeRobotDataset(robovla.Dataset):
         self._columns: dict[Path, dict[str, np.ndarray]] = {}
         self._images: dict[tuple[Path, str], Any] = {}
 
+    class WriteOptions(robovla.ComponentConfig):
+        """``robo-run data export --to lerobot`` options (each a flag: --images, --fps, ...)."""
+
+        images: bool = Field(False, description="store PNG images in the parquet files instead of AV1 videos "
+                             "(larger, lossless)")
+        fps: int = Field(30, ge=1, le=1000, description="frames per second of the recording (CALVIN's is 30)")
+        action_key: str | None = Field(None, description="the source's action array written as `action` "
+                                       "(rel_actions when the source loads it, else its first)")
+        robot_type: str | None = Field(None, description="info.json's robot_type (default: the source's format)")
+
+    @classmethod
+    def write(cls, source: robovla.Dataset, out: Path, options: "LeRobotDataset.WriteOptions",
+              source_name: str | None = None) -> dict[str, int]:
+        """Write ``source`` (any robovla dataset) as a LeRobotDataset v3.0 into the new folder ``out``."""
+        from robovla_plugins.datasets.lerobot.export import export
+
+        return export(source, Path(out), fps=options.fps, robot_type=options.robot_type or source_name or "unknown",
+                      action_key=options.action_key, images=options.images)
+
     @classmethod
     def synthesize(cls, out: Path, episodes: int, seed: int) -> dict[str, Any]:
         """The synthetic reach task (``robo-run data synth``) as LeRobotDatasets: training/ and
