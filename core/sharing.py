@@ -76,20 +76,21 @@ def local_folder(source: str | Path, what: str = "--run") -> Path:
     return download(str(source), what)
 
 
-def download(repo_id: str, what: str = "--run") -> Path:
+def download(repo_id: str, what: str = "--run", repo_type: str = "model", revision: str | None = None) -> Path:
     """The files of hub repo ``repo_id`` (its cached snapshot when the hub cannot be reached), or a
-    :class:`ShareError` saying how to get them."""
+    :class:`ShareError` saying how to get them. ``repo_type`` "model" or "dataset"."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     online = hub_reachable()
-    fix = (f"download it where there is a connection (`hf download {repo_id} --local-dir DIR`) and give DIR "
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    fix = (f"download it where there is a connection (`hf download {repo_id}{kind} --local-dir DIR`) and give DIR "
            f"in place of {repo_id}")
     try:
-        return Path(snapshot_download(repo_id, repo_type="model", local_files_only=not online))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=not online))
     except RepositoryNotFoundError:
-        raise ShareError(f"{what} {repo_id}: no such local folder, and no Hugging Face model repo of that name (or "
-                         "it is private or gated: log in with `hf auth login`, or set HF_TOKEN)") from None
+        raise ShareError(f"{what} {repo_id}: no such local folder, and no Hugging Face {repo_type} repo of that name "
+                         "(or it is private or gated: log in with `hf auth login`, or set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         raise ShareError(f"{what} {repo_id}: no such local folder; as a Hugging Face repo id it is not in the "
                          "Hugging Face cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1 is set); "

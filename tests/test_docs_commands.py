@@ -120,6 +120,14 @@ README = {
         run("data", "check", "data/synth/training", "--window", "8", "--json"),
     "robo-run data stats data/synth/training": run("data", "stats", "data/synth/training"),
     "robo-run data cache data/synth/training": run("data", "cache", "data/synth/training"),
+    "robo-run data export --to lerobot data/synth/training data/lerobot/training":
+        run("data", "export", "--to", "lerobot", "data/synth/training", "data/lerobot/training"),
+    "robo-run data check --dataset lerobot data/lerobot/training":
+        run("data", "check", "--dataset", "lerobot", "data/lerobot/training"),
+    "robo-run --preset demo --dataset lerobot --dataset.path data/lerobot/training --dataset.cameras gripper "
+    "--action-space continuous":
+        run("--preset", "demo", "--dataset", "lerobot", "--dataset.path", "data/lerobot/training", "--dataset.cameras",
+            "gripper", "--action-space", "continuous", *QUICK, "--train.run_name", "lerobot"),
     "robo-run --backbone kosmos --head lstm --dataset.path /data/task_ABCD_D/training":
         run("--backbone", "kosmos", "--head", "lstm", "--dataset.path", "{synth}", *TINY),
     "robo-run --preset calvin-paligemma-lstm --dataset.path /data/task_ABCD_D/training --lora.enabled":

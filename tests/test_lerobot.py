@@ -94,6 +94,32 @@ def test_video_frames_equal_through_the_frame_cache(tmp_path):
     assert cached.statistics("action") == data.statistics("action")
 
 
+FORKED_LOADER = """
+import robovla
+from robovla.data import fit_action_space
+from robovla.loader import Preprocess, make_loader
+from robovla.windows import WindowDataset
+
+data = robovla.create("dataset", "lerobot", {"path": %r})
+data.load(0, 12)  # this process's decoders are open (and busy threads) when the workers fork
+space = robovla.create("action_space", "continuous")
+fit_action_space(space, data)
+windows = WindowDataset(data, space, window=4, chunk=2)
+loader = make_loader(windows, batch_size=4, preprocess=Preprocess(image_size=32), num_workers=2, seed=0)
+print(sum(len(batch.instruction) for batch in loader))
+"""
+
+
+def test_video_reads_in_forked_loader_workers():
+    """DataLoader workers fork with the parent's open decoders; each must open its own (an
+    inherited FFmpeg decoder waits forever on threads that were not forked)."""
+    import sys
+
+    done = run([sys.executable, "-c", FORKED_LOADER % str(FIXTURES / "reach-video")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["28"]  # end - start - T + 2 per episode: (12 - 0 - 2) + (33 - 13 - 2)
+
+
 def test_mapping_is_configuration(source):
     data = lerobot(FIXTURES / "reach-image", cameras=["wrist=observation.images.gripper"], state_key="none")
     assert data.cameras == ("wrist",)
@@ -103,6 +129,24 @@ def test_mapping_is_configuration(source):
     frames = data.load(0, 3)
     np.testing.assert_array_equal(frames.images["wrist"], source["rgb_gripper"][:4])
     assert not frames.robot_obs.any() and frames.robot_obs.shape == (4, 15)
+
+
+def test_a_camera_outside_observation_images_is_named_by_its_last_part(tmp_path, source):
+    """lerobot/pusht-style: one camera stored as ``observation.image``."""
+    import pyarrow.parquet as pq
+
+    copy = damaged(tmp_path, "reach-image")
+    info = json.loads((copy / "meta/info.json").read_text())
+    info["features"] = {("observation.image" if k == "observation.images.gripper" else k): v
+                        for k, v in info["features"].items() if k != "observation.images.static"}
+    (copy / "meta/info.json").write_text(json.dumps(info))
+    file = copy / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(file).drop_columns(["observation.images.static"])
+    pq.write_table(table.rename_columns(["observation.image" if n == "observation.images.gripper" else n
+                                         for n in table.column_names]), file)
+    data = lerobot(copy)
+    assert data.cameras == ("image",)
+    np.testing.assert_array_equal(data.load(13, 20).images["image"], source["rgb_gripper"][13:21])
 
 
 def test_data_check_reports_the_mapping():
@@ -140,9 +184,10 @@ def test_bad_folders_get_errors_that_say_what_and_how(tmp_path):
                                            r"video feature .* it has \['observation.images.gripper', "
                                            r"'observation.images.static'\]"):
         lerobot(FIXTURES / "reach-video", cameras=["top"])
-    with pytest.raises(RobovlaError, match=r"--dataset.path nobody/no-such-dataset: not a local folder, and the hub "
-                                           r"dataset could not be fetched .*hf download nobody/no-such-dataset "
-                                           r"--repo-type dataset --local-dir DIR`, then pass --dataset.path DIR"):
+    with pytest.raises(RobovlaError, match=r"--dataset.path nobody/no-such-dataset: no such local folder; as a Hugging "
+                                           r"Face repo id it is not in the Hugging Face cache, and the hub cannot be "
+                                           r"reached .*`hf download nobody/no-such-dataset --repo-type dataset "
+                                           r"--local-dir DIR`"):
         lerobot("nobody/no-such-dataset")
     with pytest.raises(RobovlaError, match=r"--dataset.path \./missing: no such folder"):
         lerobot("./missing")

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import abc
 import json
-import os
-import socket
 import string
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,6 +24,7 @@ from pydantic import Field
 import robovla
 from robovla import registry_file
 from robovla.prompt import PromptedBackbone
+from robovla.sharing import hub_reachable
 
 
 class BackboneLoadError(robovla.RobovlaError, OSError):
@@ -49,17 +48,6 @@ class HFConfig(robovla.ComponentConfig):
     resize: Literal["bicubic", "bilinear"] = Field(
         "bicubic", description="how camera images are resized to the model's input size: bicubic (PIL's, as the "
                                "model's own image processor and RoboVLMs resize) or bilinear (antialiased)")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers at all (DNS and TCP), within ``timeout`` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def resolve(path: str, option: str = "--backbone.path") -> str:

@@ -3,7 +3,8 @@
 What becomes what is configuration, with defaults read from ``meta/info.json``:
 
     --dataset.cameras     NAME or NAME=FEATURE, e.g. static=observation.images.top
-                          (default: every observation.images.NAME feature, as camera NAME)
+                          (default: every image or video feature: observation.images.NAME
+                          as camera NAME, another key by its last part)
     --dataset.state_key   the robot state (default observation.state; none: zeros)
     --dataset.action_key  the actions (default action), read by --action-space continuous
     instruction           each frame's task string (meta/tasks.parquet)
@@ -37,23 +38,16 @@ NONE = "none"
 
 def local_root(path: str, revision: str | None = None) -> Path:
     """``path`` as a local folder: itself when it is one, else a hub dataset id downloaded to the
-    Hugging Face cache (reached only then); anything else is an error naming what to do."""
+    Hugging Face cache (the hub is reached only then); anything else is an error naming what to do."""
+    from robovla.sharing import download, is_repo_id
+
     root = Path(path).expanduser()
     if root.is_dir():
         return root
-    parts = path.split("/")
-    if len(parts) != 2 or not all(parts) or path.startswith((".", "~")) or root.is_absolute():
+    if not is_repo_id(path):
         raise LeRobotDataError(f"--dataset.path {path}: {missing_folder(root)}; give a LeRobotDataset folder (the one "
                                "holding meta/info.json) or a hub dataset id such as lerobot/pusht")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, repo_type="dataset", revision=revision))
-    except Exception as exc:  # offline, unknown repo, no access: all end the same way for the user
-        raise LeRobotDataError(
-            f"--dataset.path {path}: not a local folder, and the hub dataset could not be fetched "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); on a machine with access run "
-            f"`hf download {path} --repo-type dataset --local-dir DIR`, then pass --dataset.path DIR") from None
+    return download(path, "--dataset.path", repo_type="dataset", revision=revision)
 
 
 class LeRobotDataset(robovla.Dataset):
@@ -63,7 +57,8 @@ class LeRobotDataset(robovla.Dataset):
         path: str = Field(description="a LeRobotDataset v3.0 folder (holding meta/info.json), or a hub dataset id")
         cameras: list[str] | None = Field(
             None, min_length=1, description="cameras to read, each NAME (feature observation.images.NAME) or "
-            "NAME=FEATURE; none: every observation.images.* feature")
+            "NAME=FEATURE; none: every image or video feature (observation.images.NAME as NAME, any other by the "
+            "last part of its key: observation.image as image)")
         state_key: str | None = Field("observation.state", description="the feature read as the robot state "
                                       f"({ROBOT_OBS_DIM} values); none: zeros")
         action_key: str = Field("action", description="the feature read as the actions (the action key that "
@@ -140,7 +135,8 @@ class LeRobotDataset(robovla.Dataset):
     def _camera_keys(self) -> dict[str, str]:
         images = files.image_features(self.info)
         if self.config.cameras is None:
-            found = {k.removeprefix(IMAGE_PREFIX): k for k in images}
+            found = {k.removeprefix(IMAGE_PREFIX) if k.startswith(IMAGE_PREFIX) else k.rsplit(".", 1)[-1]: k
+                     for k in images}
             if not found:
                 raise LeRobotDataError(f"{self.root / INFO}: no image or video features; robovla's backbones read "
                                        "cameras")

@@ -8,6 +8,7 @@ the frame grid (as lerobot's own decoder does, within half a frame).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,14 @@ OPEN_FILES = 8  # decoders kept open per reader (one per camera and file is the 
 
 
 class VideoReader:
-    """Decodes frame ranges of MP4 files, keeping the last few files open; picklable (reopens)."""
+    """Decodes frame ranges of MP4 files, keeping the last few files open; picklable (reopens),
+    and safe across fork: a forked process (a DataLoader worker) opens its own decoders, since
+    the threads of those it inherited did not come with it."""
 
     def __init__(self, fps: float):
         self.fps = float(fps)
         self._open: OrderedDict[Path, Any] = OrderedDict()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"fps": self.fps}
@@ -38,6 +42,8 @@ class VideoReader:
         self._open.clear()
 
     def _container(self, file: Path) -> Any:
+        if self._pid != os.getpid():  # inherited through fork: never touch the parent's decoders
+            self._open, self._pid = OrderedDict(), os.getpid()
         if file in self._open:
             self._open.move_to_end(file)
             return self._open[file]
