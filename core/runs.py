@@ -290,7 +290,7 @@ def resumed(run_dir: Path, flags: list[tuple[str, str | None]], accept_changes: 
 def record_length(run_dir: Path, config_text: str) -> None:
     """A resumed run's config.toml, replaced (atomically) by ``config_text`` when that gives the run
     another length (:data:`EXTEND`); left as it is otherwise."""
-    import tomllib
+    from robovla.registry_file import tomllib  # tomli before Python 3.11
 
     file = Path(run_dir) / CONFIG
     was, now = (tomllib.loads(text).get("train", {}) for text in (file.read_text(), config_text))

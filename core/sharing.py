@@ -280,7 +280,7 @@ def hub_ids(section: dict[str, Any]) -> list[str]:
 
 def card_metadata(folder: Path, name: str, datasets: list[str]) -> tuple[Any, list[dict[str, Any]]]:
     """The model card's YAML metadata (huggingface_hub's ModelCardData) and the results it reports."""
-    import tomllib
+    from robovla.registry_file import tomllib  # tomli before Python 3.11
 
     from huggingface_hub import EvalResult, ModelCardData
 
