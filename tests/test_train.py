@@ -78,7 +78,7 @@ def test_validation_once_per_step_then_closed_loop_from_the_saved_run(synth, tmp
             "--train.run_name", "run"]
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert out.startswith("plugins: robovla-") and "(backbones, calvin, heads)" in out.splitlines()[0]
+    assert out.startswith("plugins: robovla-") and "(backbones, calvin, heads, lerobot)" in out.splitlines()[0]
     run = tmp_path / "run"
     rows = (run / "metrics.csv").read_text().splitlines()[1:]
     keys = [tuple(r.split(",")[:3]) for r in rows]
