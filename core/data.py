@@ -101,7 +101,7 @@ def saved_action_space(run: RunConfig, run_dir: Path) -> Any:
     space = robovla.create("action_space", run.action_space.name, run.action_space.config)
     with reading(file, f"the fitted state of action space {run.action_space.name!r}", fix):
         space.load_state_dict(state)
-        space.decode(np.zeros((1, space.action_dim)), np.zeros((1, 15)))  # targets in; statistics of the wrong shape fail here
+        space.decode(np.zeros((1, space.action_dim)), np.zeros((1, 15)))  # statistics of the wrong shape fail here
     return space
 
 

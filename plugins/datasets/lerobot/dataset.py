@@ -90,6 +90,7 @@ class LeRobotDataset(robovla.Dataset):
         self.camera_keys = self._camera_keys()
         self.videos = VideoReader(self.fps)
         self._episodes: files.Episodes | None = None
+        self._segments: SegmentTable | None = None
         self._columns: dict[Path, dict[str, np.ndarray]] = {}
         self._images: dict[tuple[Path, str], Any] = {}
 
@@ -216,6 +217,12 @@ class LeRobotDataset(robovla.Dataset):
         return self._columns[file]
 
     def segment_table(self) -> SegmentTable:
+        """One segment per run of equal task_index in each episode (read once)."""
+        if self._segments is None:
+            self._segments = self._segment_table()
+        return self._segments
+
+    def _segment_table(self) -> SegmentTable:
         tasks = files.read_tasks(self.root)
         ep = self.episodes()
         bounds, texts = [], []
