@@ -219,8 +219,12 @@ class Policy:
         config_file = ckpt.run_config(run_dir, str(run_dir), stats=True)
         folder = ckpt.last(run_dir) if checkpoint is None else checkpoint_folder(run_dir, checkpoint)
         run = cfg.resolve(cfg.NONE, config_file, [])
+        from robovla.finetune import TRAINABLE
+
+        # a LoRA checkpoint holds the trained weights only: the frozen base is --train.init's, when given
+        trainable_only = ckpt.weight_files(folder, ckpt.read_state(folder)) == TRAINABLE
         with torch.random.fork_rng(devices=[]):  # building seeds torch; the caller's RNG is left as it was
-            vla = build(run, init=False)  # the checkpoint holds every weight
+            vla = build(run, init=trainable_only)
         state = ckpt.load(folder, vla)  # state.json checked, the weights' checksums verified
         model_changes(run, run_dir, folder, state)
         space = saved_action_space(run, run_dir)

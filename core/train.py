@@ -207,7 +207,9 @@ def setup(fabric: Any, run: RunConfig, config_text: str, run_dir: Path, resuming
             (run_dir / checkpoint.CONFIG).write_text(config_text)
         fabric.print(robovla.registry.active_plugins())
     fabric.barrier()
-    vla = build(run, init=not resuming)  # a resumed run's checkpoint holds every weight
+    # a resumed run's checkpoint holds every weight, but a LoRA one only the trained: the frozen base
+    # comes from --train.init again
+    vla = build(run, init=not resuming or run.lora.enabled)
     if fabric.is_global_zero:
         fabric.print("\n".join(robovla.finetune.summary(vla)))
     loader, val_loader = loaders(fabric, run, vla, run_dir, resuming)

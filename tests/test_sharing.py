@@ -210,6 +210,29 @@ def test_a_lora_run_exports_as_adapter_or_merged_with_the_same_actions(shared, t
     assert not (tmp_path / "not-lora").exists()
 
 
+def test_a_lora_run_from_train_init_loads_and_resumes_on_the_init_weights(shared, tmp_path):
+    """A LoRA checkpoint holds the trained weights only; the frozen base it trained on is
+    --train.init's, so loading (and resuming) builds on those, not on the backbone's own."""
+    from robovla.vla import build
+
+    base = train_tiny(tmp_path, "base", shared["synth"], *KOSMOS)
+    tuned = train_tiny(tmp_path, "lora-on-base", shared["synth"], *KOSMOS, "--lora.enabled", "--lora.r", "4",
+                       "--train.init", str(base))
+    plain = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach()
+             for n, p in Policy.from_run(tuned).vla.named_parameters() if "lora_" not in n and not p.requires_grad}
+    trained = dict(Policy.from_run(base).vla.named_parameters())
+    fresh = dict(build(robovla.config.resolve("none", base / "config.toml", [])).named_parameters())
+    moved = [n for n in plain if not torch.equal(trained[n], fresh[n])]
+    assert len(plain) > 10 and moved  # the base run changed frozen weights, so the test can tell them apart
+    for name, tensor in plain.items():
+        torch.testing.assert_close(tensor, trained[name].detach(), rtol=0, atol=0, msg=name)
+    assert main(["--resume", str(tuned), "--train.max_steps", "3"]) == 0
+    resumed = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach()
+               for n, p in Policy.from_run(tuned).vla.named_parameters() if "lora_" not in n and not p.requires_grad}
+    for name in moved:
+        torch.testing.assert_close(resumed[name], trained[name].detach(), rtol=0, atol=0, msg=name)
+
+
 # ------------------------------------------------------------------------- offline, refusals
 
 
