@@ -203,7 +203,7 @@ class LeRobotDataset(robovla.Dataset):
             missing = [c for c in wanted if c not in names]
             if missing:
                 raise LeRobotDataError(f"{file}: no column(s) {missing}; it has {names}")
-            table = files._read(file, wanted)
+            table = files.read_table(file, wanted)
             cols = {}
             for c in wanted:
                 try:
@@ -311,7 +311,7 @@ class LeRobotDataset(robovla.Dataset):
         from PIL import Image
 
         if (file, key) not in self._images:
-            self._images[(file, key)] = files._read(file, [key]).column(key)
+            self._images[(file, key)] = files.read_table(file, [key]).column(key)
         column = self._images[(file, key)]
         out = []
         for value in column.slice(rows.start, rows.stop - rows.start).to_pylist():

@@ -94,7 +94,7 @@ def read_tasks(root: Path) -> dict[int, str]:
     file = root / TASKS
     if not file.is_file():
         raise LeRobotDataError(f"{file}: missing; a LeRobotDataset {VERSION} lists its tasks there")
-    table = _read(file)
+    table = read_table(file)
     names = [n for n in table.column_names if n != "task_index"]
     if "task_index" not in table.column_names or len(names) != 1:
         raise LeRobotDataError(f"{file}: expected a task_index column and the task strings, got "
@@ -103,7 +103,8 @@ def read_tasks(root: Path) -> dict[int, str]:
     return {int(i): str(t) for i, t in zip(table.column("task_index").to_pylist(), tasks)}
 
 
-def _read(file: Path, columns: list[str] | None = None) -> Any:
+def read_table(file: Path, columns: list[str] | None = None) -> Any:
+    """A parquet file (or some of its columns) as a pyarrow Table; an unreadable one is a LeRobotDataError."""
     pq = pyarrow_parquet()
     try:
         return pq.read_table(file, columns=columns)
@@ -138,7 +139,7 @@ def read_episodes(root: Path, video_keys: list[str]) -> Episodes:
         if missing:
             raise LeRobotDataError(f"{file}: no column(s) {missing}; every LeRobotDataset {VERSION} episode row "
                                    "has them")
-        table = _read(file, want)
+        table = read_table(file, want)
         for c in want:
             columns[c].extend(table.column(c).to_pylist())
     order = np.argsort(np.asarray(columns["episode_index"], np.int64), kind="stable")
