@@ -19,24 +19,14 @@ import time
 from pathlib import Path
 
 import robovla
+from robovla.data import fit_action_space
 from robovla.frame_cache import CachedDataset, build
 from robovla.loader import Preprocess, make_loader
 from robovla.windows import WindowDataset
 
 
-def action_space(dataset):
-    """rel-world for CALVIN's files; for a LeRobotDataset, continuous on its statistics."""
-    if "lerobot" not in type(getattr(dataset, "source", dataset)).__module__:
-        return robovla.create("action_space", "rel-world")
-    from robovla.data import fit_action_space
-
-    space = robovla.create("action_space", "continuous")
-    fit_action_space(space, dataset)
-    return space
-
-
-def samples_per_second(dataset, args) -> float:
-    windows = WindowDataset(dataset, action_space(dataset), window=8, chunk=10)
+def samples_per_second(dataset, space, args) -> float:
+    windows = WindowDataset(dataset, space, window=8, chunk=10)
     loader = make_loader(windows, batch_size=8, preprocess=Preprocess(image_size=224), num_workers=args.workers,
                          seed=0)
     it = iter(loader)
@@ -47,9 +37,9 @@ def samples_per_second(dataset, args) -> float:
     return n / (time.perf_counter() - start)
 
 
-def reads_per_second(dataset, n: int = 200) -> float:
+def reads_per_second(dataset, space, n: int = 200) -> float:
     """Windows read and cut per second in this process, no preprocessing: the reader alone."""
-    windows = WindowDataset(dataset, action_space(dataset), window=8, chunk=10)
+    windows = WindowDataset(dataset, space, window=8, chunk=10)
     step = max(len(windows) // n, 1)
     start = time.perf_counter()
     for i in range(0, step * n, step):
@@ -76,7 +66,8 @@ def main() -> None:
         t = time.perf_counter()
         build(source, Path(tmp) / "cache", progress=False)
         print(f"built the frame cache in {time.perf_counter() - t:.1f} s")
-        readers = {"npz": source, "cache": CachedDataset(source, Path(tmp) / "cache", rebuild=False)}
+        clip = robovla.create("action_space", "rel-world")  # rel_actions, clipped: no statistics
+        readers = {"npz": (source, clip), "cache": (CachedDataset(source, Path(tmp) / "cache", rebuild=False), clip)}
         if not args.no_lerobot:
             from robovla_plugins.datasets.lerobot.export import export
 
@@ -87,11 +78,14 @@ def main() -> None:
             t = time.perf_counter()
             build(mp4, Path(tmp) / "mp4-cache", progress=False)
             print(f"built its frame cache in {time.perf_counter() - t:.1f} s")
-            readers.update({"mp4": mp4, "mp4 cache": CachedDataset(mp4, Path(tmp) / "mp4-cache", rebuild=False)})
+            space = robovla.create("action_space", "continuous")  # the LeRobot copy's `action`
+            fit_action_space(space, mp4)
+            readers.update({"mp4": (mp4, space),
+                            "mp4 cache": (CachedDataset(mp4, Path(tmp) / "mp4-cache", rebuild=False), space)})
         rates: dict[str, list[float]] = {name: [] for name in readers}
         for _ in range(2):
-            for name, reader in readers.items():
-                rates[name].append(samples_per_second(reader, args))
+            for name, (reader, space) in readers.items():
+                rates[name].append(samples_per_second(reader, space, args))
         median = {name: statistics.median(r) for name, r in rates.items()}
         for name, r in rates.items():
             print(f"{name:<10} {median[name]:8.1f} samples/s   runs {[round(x, 1) for x in r]}")
@@ -100,7 +94,7 @@ def main() -> None:
         if "mp4" in median:
             print(f"mp4 cache / mp4:   {median['mp4 cache'] / median['mp4']:8.2f}x   (decoding once, not per read)")
             print(f"mp4 cache / cache: {median['mp4 cache'] / median['cache']:8.2f}x   (LeRobot path against CALVIN's)")
-        raw = {name: reads_per_second(reader) for name, reader in readers.items()}
+        raw = {name: reads_per_second(reader, space) for name, (reader, space) in readers.items()}
         print("reader alone:      " + ", ".join(f"{name} {r:.0f}" for name, r in raw.items())
               + " windows/s (one process, no resize or shift)")
 

@@ -37,13 +37,14 @@ ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 
 
-def _vector(name: str, dim: int, names: list[str] | None) -> dict[str, Any]:
+def _vector(dim: int, names: list[str] | None) -> dict[str, Any]:
     return {"dtype": "float32", "shape": [dim], "names": names if names and len(names) == dim else None}
 
 
 def features(cameras: dict[str, tuple[int, int]], state_dim: int, action_dim: int, videos: bool, fps: int,
              action_key: str) -> dict[str, Any]:
-    """info.json's ``features``, in lerobot's order: cameras, state, action, then the index columns."""
+    """info.json's ``features``, in lerobot's order: cameras, state, action, then the index columns
+    (statistics are listed in this order too)."""
     out: dict[str, Any] = {}
     for camera, (h, w) in cameras.items():
         f: dict[str, Any] = {"dtype": "video" if videos else "image", "shape": [h, w, 3],
@@ -52,8 +53,8 @@ def features(cameras: dict[str, tuple[int, int]], state_dim: int, action_dim: in
             f["info"] = {"video.height": h, "video.width": w, "video.codec": "av1", "video.pix_fmt": CODEC["pix_fmt"],
                          "video.is_depth_map": False, "video.fps": fps, "video.channels": 3, "has_audio": False}
         out[IMAGE_PREFIX + camera] = f
-    out["observation.state"] = _vector("observation.state", state_dim, ROBOT_OBS_NAMES)
-    out["action"] = _vector("action", action_dim, ACTION_NAMES if action_key == "rel_actions" else None)
+    out["observation.state"] = _vector(state_dim, ROBOT_OBS_NAMES)
+    out["action"] = _vector(action_dim, ACTION_NAMES if action_key == "rel_actions" else None)
     out["timestamp"] = {"dtype": "float32", "shape": [1], "names": None}
     for key in INDEX_COLUMNS[1:]:
         out[key] = {"dtype": "int64", "shape": [1], "names": None}
@@ -172,8 +173,6 @@ def export(dataset: Any, out: Path, *, fps: int = 30, robot_type: str = "calvin"
            images: bool = False, progress: bool = True) -> dict[str, int]:
     """Write ``dataset`` (any robovla Dataset) into the new folder ``out`` as a LeRobotDataset
     v3.0; returns the counts. Written into a temporary folder beside ``out``, renamed when complete."""
-    from tqdm import tqdm
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LeRobotDataError(f"{out}: {'a folder that is not empty' if out.is_dir() else 'not a folder'}; export "
@@ -192,7 +191,7 @@ def export(dataset: Any, out: Path, *, fps: int = 30, robot_type: str = "calvin"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        counts = _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images, tqdm, progress)
+        counts = _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images, progress)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -201,8 +200,9 @@ def export(dataset: Any, out: Path, *, fps: int = 30, robot_type: str = "calvin"
     return counts
 
 
-def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images, tqdm, progress) -> dict[str, int]:
+def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images, progress) -> dict[str, int]:
     import pyarrow as pa
+    from tqdm import tqdm
 
     pq = pyarrow_parquet()
     tasks: dict[str, int] = {}
@@ -231,7 +231,7 @@ def _write(dataset, segments, tmp, feats, cameras, key, fps, robot_type, images,
                 stats[IMAGE_PREFIX + camera] = stats_of(picked, image=True)
                 if videos is not None:
                     videos.add(camera, frames.images[camera])
-                    start = sum(ep["length"] for ep in episodes) / fps
+                    start = index / fps  # the frames written so far, one after another in the file
                     row.update({f"videos/{IMAGE_PREFIX}{camera}/chunk_index": 0,
                                 f"videos/{IMAGE_PREFIX}{camera}/file_index": 0,
                                 f"videos/{IMAGE_PREFIX}{camera}/from_timestamp": start,
@@ -282,7 +282,7 @@ def _write_meta(pa, pq, tmp, feats, episodes, tasks, fps, robot_type, frames) ->
             row.update({f"stats/{feature}/{k}": v.tolist() for k, v in s.items()})
         rows.append({**row, "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
     order = [*(c for c in rows[0] if not c.startswith(("stats/", "meta/"))),
-             *(f"stats/{f}/{k}" for f in _stats_order(feats) for k in episodes[0]["stats"][f]),
+             *(f"stats/{f}/{k}" for f in feats for k in episodes[0]["stats"][f]),
              "meta/episodes/chunk_index", "meta/episodes/file_index"]
     table = pa.Table.from_pylist([{c: r[c] for c in order} for r in rows])
     file = tmp / EPISODES / "chunk-000" / "file-000.parquet"
@@ -300,7 +300,7 @@ def _write_meta(pa, pq, tmp, feats, episodes, tasks, fps, robot_type, frames) ->
     task_table = pa.table({"task_index": pa.array([tasks[t] for t in names], pa.int64()),
                            "__index_level_0__": pa.array(names, pa.large_string())})
     pq.write_table(task_table.replace_schema_metadata({"pandas": json.dumps(pandas)}), tmp / TASKS)
-    stats = {f: aggregate([ep["stats"][f] for ep in episodes]) for f in _stats_order(feats)}
+    stats = {f: aggregate([ep["stats"][f] for ep in episodes]) for f in feats}
     (tmp / STATS).write_text(json.dumps(_jsonable(stats), indent=4))
     info = {"codebase_version": VERSION, "robot_type": robot_type, "total_episodes": len(episodes),
             "total_frames": frames, "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
@@ -309,8 +309,3 @@ def _write_meta(pa, pq, tmp, feats, episodes, tasks, fps, robot_type, frames) ->
             "video_path": VIDEO_PATH if any(f["dtype"] == "video" for f in feats.values()) else None,
             "features": feats}
     (tmp / INFO).write_text(json.dumps(info, indent=4))
-
-
-def _stats_order(feats: dict[str, Any]) -> list[str]:
-    """Statistics are listed cameras first, then state, action and the index columns (lerobot's order)."""
-    return [k for k in feats if k.startswith(IMAGE_PREFIX)] + [k for k in feats if not k.startswith(IMAGE_PREFIX)]
