@@ -37,6 +37,14 @@ def _within(args: argparse.Namespace, flag: str, low: int, high: int, what: str)
                           header="cannot parse the command line")
 
 
+def _new_folder(label: str, folder: Path, why: str) -> None:
+    """Refuse, as a usage error, a folder that exists and is not empty (or is not a folder)."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = "a folder that is not empty" if folder.is_dir() else "not a folder"
+        raise ConfigError([f"{label}: {what}; {why}: pass a new or empty folder"],
+                          header="cannot parse the command line")
+
+
 def _parser(name: str, help: str, path: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"robo-run data {name}", description=help)
     if path:
@@ -129,11 +137,8 @@ def cmd_synth(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _within(args, "episodes", 1, EPISODES_MAX, "the number of training episodes")
     _within(args, "seed", 0, SEED_END - 1, "the seed")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
-        raise ConfigError([f"--out {args.out}: {what}; synth writes a new dataset there and would mix it with (or "
-                           "overwrite) what is there: pass a new or empty folder"],
-                          header="cannot parse the command line")
+    _new_folder(f"--out {args.out}", args.out, "synth writes a new dataset there and would mix it with (or "
+                "overwrite) what is there")
     cls = get_component("dataset", args.dataset).load()
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
@@ -187,10 +192,7 @@ def cmd_export(argv: list[str]) -> int:
             shown = "" if info.default is None else f" (default: {info.default})"
             p.add_argument(flag, default=info.default, help=f"{info.description}{shown}")
     args = p.parse_args(argv)
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        what = "a folder that is not empty" if args.out.is_dir() else "not a folder"
-        raise ConfigError([f"OUT {args.out}: {what}; export writes a new dataset there: pass a new or empty folder"],
-                          header="cannot parse the command line")
+    _new_folder(f"OUT {args.out}", args.out, "export writes a new dataset there")
     import pydantic
 
     values = {f: getattr(args, f) for f in options_model.model_fields if getattr(args, f) is not None}
