@@ -29,7 +29,7 @@ def problems(dataset: Any) -> list[Problem]:
     except (LeRobotDataError, KeyError) as exc:
         return [Problem(str(root / INFO), "", str(exc).strip("'\""))]
     state = dataset.config.state_key
-    if state and state != "none" and dataset._vector(state, "state_key") != ROBOT_OBS_DIM:
+    if state and dataset._vector(state, "state_key") != ROBOT_OBS_DIM:
         found.append(Problem(str(root / INFO), state, mapping["robot_obs"] + f": robovla's robot state has "
                              f"{ROBOT_OBS_DIM} values; pass --dataset.state_key none"))
     total = int(dataset.info.get("total_frames", -1))

@@ -33,8 +33,6 @@ from robovla_plugins.datasets.lerobot import files
 from robovla_plugins.datasets.lerobot.files import IMAGE_PREFIX, INFO, LeRobotDataError
 from robovla_plugins.datasets.lerobot.video import VideoReader
 
-NONE = "none"
-
 
 def local_root(path: str, revision: str | None = None) -> Path:
     """``path`` as a local folder: itself when it is one, else a hub dataset id downloaded to the
@@ -171,7 +169,7 @@ class LeRobotDataset(robovla.Dataset):
             f = self.features[key]
             out[f"camera {name}"] = f"{key} ({f['dtype']}, {'x'.join(map(str, f.get('shape', ())))})"
         state = self.config.state_key
-        out["robot_obs"] = (f"{state} [{self._vector(state, 'state_key')}]" if state and state != NONE
+        out["robot_obs"] = (f"{state} [{self._vector(state, 'state_key')}]" if state
                             else f"zeros [{ROBOT_OBS_DIM}] (--dataset.state_key none)")
         key = self.config.action_key
         out[f"actions[{key!r}]"] = f"{key} [{self._vector(key, 'action_key')}]"
@@ -196,7 +194,7 @@ class LeRobotDataset(robovla.Dataset):
             if not file.is_file():
                 raise LeRobotDataError(f"{file}: missing; meta/episodes names it as holding frames")
             wanted = ["index", "timestamp", "task_index", self.config.action_key]
-            if self.config.state_key and self.config.state_key != NONE:
+            if self.config.state_key:  # none (the config reads "none" as None): zeros
                 wanted.append(self.config.state_key)
             wanted = list(dict.fromkeys(wanted))  # the state may be read from the action column too
             names = files.pyarrow_parquet().read_schema(file).names
@@ -284,7 +282,7 @@ class LeRobotDataset(robovla.Dataset):
         rows = self._rows(cols, start, end)
         n = end - start + 1
         state = self.config.state_key
-        if state and state != NONE:
+        if state:
             robot_obs = np.asarray(cols[state][rows], np.float64).reshape(n, -1)
             if robot_obs.shape[1] != ROBOT_OBS_DIM:
                 raise LeRobotDataError(f"--dataset.state_key {state}: {robot_obs.shape[1]} values per frame, but "
