@@ -8,6 +8,7 @@
     robo-run eval --run RUN_DIR ...       offline metrics and closed-loop evaluation of a run
     robo-run serve --run RUN_DIR ...      a policy server for a run (HTTP, numpy payloads)
     robo-run convert SOURCE CKPT ...      another framework's checkpoint as a run folder
+    robo-run pretrain --backbone NAME OUT  pre-train a backbone's own weights
 
 Nothing here imports torch: commands import what they need when they run.
 """
@@ -323,6 +324,12 @@ def cmd_serve(argv: list[str]) -> int:
     return server.main(argv)
 
 
+def cmd_pretrain(argv: list[str]) -> int:
+    from robovla import pretraining
+
+    return pretraining.main(argv)
+
+
 def cmd_export(argv: list[str]) -> int:
     from robovla import sharing
 
@@ -346,6 +353,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "convert": (cmd_convert, "convert another framework's checkpoint (e.g. RoboVLMs) into a run folder"),
     "export": (cmd_export, "export a run as a folder to share: weights, config, reports and a model card"),
     "push": (cmd_push, "export a run and upload it to a Hugging Face hub model repo"),
+    "pretrain": (cmd_pretrain, "pre-train a backbone's own weights (kosmos: grounding on the synthetic scenes)"),
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError
+from robovla.flags import add_option_flags, read_options
 from robovla.frame_cache import CACHE_DIR
 from robovla.registry import create, get_component
 
@@ -184,23 +185,10 @@ def cmd_export(argv: list[str]) -> int:
     if not callable(getattr(writer, "write", None)) or options_model is None:
         raise RobovlaError(f"dataset {known.to!r} cannot write datasets (its class defines no `write` and "
                            "`WriteOptions`); choose a format that can, e.g. --to lerobot")
-    for field, info in options_model.model_fields.items():
-        flag = "--" + field.replace("_", "-")
-        if info.annotation is bool:
-            p.add_argument(flag, action="store_true", help=info.description)
-        else:
-            shown = "" if info.default is None else f" (default: {info.default})"
-            p.add_argument(flag, default=info.default, help=f"{info.description}{shown}")
+    add_option_flags(p, options_model)
     args = p.parse_args(argv)
     _new_folder(f"OUT {args.out}", args.out, "export writes a new dataset there")
-    import pydantic
-
-    values = {f: getattr(args, f) for f in options_model.model_fields if getattr(args, f) is not None}
-    try:
-        options = options_model.model_validate(values)
-    except pydantic.ValidationError as exc:
-        raise ConfigError([f"--{str(e['loc'][0]).replace('_', '-')} {values.get(e['loc'][0])}: {e['msg']}"
-                           for e in exc.errors()], header="cannot parse the command line") from None
+    options = read_options(args, options_model)
     counts = writer.write(_open(args), args.out, options, args.dataset)
     print(json.dumps(counts) if args.json else f"{args.out}: {counts['episodes']} episodes, {counts['frames']} frames"
           f", {counts.get('tasks', '?')} tasks, as dataset {known.to!r}; train on it with --dataset {known.to} "

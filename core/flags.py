@@ -68,3 +68,32 @@ def shown(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters for messages (a 5,000-character flag stays readable)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def add_option_flags(parser: Any, model: Any) -> None:
+    """Add one ``--field-name`` flag per field of the pydantic ``model`` to an argparse parser:
+    a bare switch for a yes/no field, a value otherwise (its description and default as help)."""
+    for field, info in model.model_fields.items():
+        flag = "--" + field.replace("_", "-")
+        text = (info.description or "").replace("%", "%%")  # argparse formats help with %
+        if info.annotation is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            shown = "" if info.default is None else f" (default: {info.default})"
+            parser.add_argument(flag, default=info.default, help=f"{text}{shown}")
+
+
+def read_options(args: Any, model: Any) -> Any:
+    """The ``model`` instance that the flags :func:`add_option_flags` added hold, or a ConfigError
+    naming each wrong flag and its value."""
+    import pydantic
+
+    from robovla.errors import ConfigError
+
+    values = {f: getattr(args, f) for f in model.model_fields if getattr(args, f) is not None}
+    try:
+        return model.model_validate(values)
+    except pydantic.ValidationError as exc:
+        raise ConfigError([f"--{str(e['loc'][0]).replace('_', '-')} {values.get(e['loc'][0])}: {e['msg']}"
+                           if e["loc"] else e["msg"].removeprefix("Value error, ") for e in exc.errors()],
+                          header="cannot parse the command line") from None

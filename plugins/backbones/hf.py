@@ -40,8 +40,9 @@ class HFConfig(robovla.ComponentConfig):
         "full", description="full: the weights at path; tiny or small: the same architecture at a small size "
                             "with random weights and an offline tokenizer (tests, demos)")
     weights: Literal["pretrained", "random"] = Field(
-        "pretrained", description="pretrained: load them from path (size full); random: random weights and an offline "
-                                  "tokenizer (at size full, the published architecture: for speed and memory tests)")
+        "pretrained", description="pretrained: load them from path (size full); random: random weights of path's "
+                                  "architecture when path is a folder (with its tokenizer), else of the published "
+                                  "architecture with an offline tokenizer (for speed and memory tests)")
     cameras: list[Literal["gripper", "static"]] = Field(
         ["gripper", "static"], min_length=1, description="cameras read, in sequence order (the recipe: gripper first)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
@@ -115,6 +116,7 @@ class HFBackbone(PromptedBackbone):
     model_class: ClassVar[str]  # transformers class name
     default_mean: ClassVar[tuple[float, float, float]]
     default_std: ClassVar[tuple[float, float, float]]
+    bundled: ClassVar[dict[str, Path]] = {}  # checkpoints shipped in the plugin: --backbone.path bundled:NAME
 
     def __init__(self, config: HFConfig):
         super().__init__(config)
@@ -125,22 +127,18 @@ class HFBackbone(PromptedBackbone):
         known = registry_file.checkpoints(self.family).get(config.path, {}) if config.size == "full" else {}
         self.cameras = tuple(config.cameras)
         self.resize_filter = config.resize
+        folder = self.bundled_folder(config.path)
         if config.size == "full" and config.weights == "pretrained":
-            source = resolve(config.path)
-            from transformers import AutoTokenizer
-
+            source = folder or resolve(config.path)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(source)
-                if torch.get_default_device().type == "meta":  # a skeleton: names and shapes, no weights read
-                    from transformers import AutoConfig
-
-                    self.model = cls._from_config(AutoConfig.from_pretrained(source),
-                                                  attn_implementation=config.attn_implementation)
-                else:
-                    self.model = cls.from_pretrained(source, attn_implementation=config.attn_implementation)
+                self.tokenizer, self.model = self._load(source, weights=True)
             except OSError as exc:
                 raise BackboneLoadError(f"--backbone.path {config.path}: cannot load {self.model_class} and its "
                                         f"tokenizer ({exc})") from None
+            mean, std = self._normalization(source, known)
+        elif config.size == "full" and (folder or Path(config.path).expanduser().is_dir()):
+            source = folder or str(Path(config.path).expanduser())  # that folder's architecture and tokenizer
+            self.tokenizer, self.model = self._load(source, weights=False)
             mean, std = self._normalization(source, known)
         else:
             self.tokenizer = self.make_tokenizer()
@@ -151,6 +149,30 @@ class HFBackbone(PromptedBackbone):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.image_size = int(self.model.config.vision_config.image_size)
         self._check_known(known)
+
+    def _load(self, source: str, weights: bool) -> tuple[Any, Any]:
+        """(tokenizer, model) from a folder or hub id: the saved weights, or random ones of its architecture."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        cls = getattr(transformers, self.model_class)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        if weights and torch.get_default_device().type != "meta":  # meta: a skeleton, names and shapes only
+            return tokenizer, cls.from_pretrained(source, attn_implementation=self.config.attn_implementation)
+        return tokenizer, cls._from_config(AutoConfig.from_pretrained(source),
+                                           attn_implementation=self.config.attn_implementation)
+
+    @classmethod
+    def bundled_folder(cls, path: str) -> str | None:
+        """The folder of a checkpoint shipped inside the plugin (``bundled:NAME``), else None."""
+        if not path.startswith("bundled:"):
+            return None
+        name = path.removeprefix("bundled:")
+        if name not in cls.bundled:
+            from robovla.errors import unknown
+
+            raise unknown(f"bundled {cls.family} checkpoint", name, cls.bundled)
+        return str(cls.bundled[name])
 
     # ----------------------------------------------------------------- per family
 

@@ -11,6 +11,7 @@ CLIP normalization.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from pydantic import Field
 from torch import nn
 
 from robovla_plugins.backbones.hf import HFBackbone, HFConfig, char_tokenizer
+from robovla_plugins.backbones.kosmos.pretrain import PretrainOptions
 
 SIZES = {  # random-init sizes: (text width, text layers, vision width, vision layers, image px, latent queries)
     "tiny": (64, 2, 32, 2, 32, 8),
@@ -33,10 +35,13 @@ class Kosmos(HFBackbone):
     default_mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP
     default_std = (0.26862954, 0.26130258, 0.27577711)
     prompt_template = "<grounding>An image of a robot {instruction}"
+    bundled = {"kosmos-2-tiny": Path(__file__).parent / "kosmos-2-tiny"}  # made by `robo-run pretrain` (README)
+    PretrainOptions = PretrainOptions
 
     class Config(HFConfig):
-        path: str = Field("microsoft/kosmos-2-patch14-224", description="Hugging Face hub id, or a local folder "
-                                                                        "written by save_pretrained (model and processor)")
+        path: str = Field("microsoft/kosmos-2-patch14-224", description=(
+            "Hugging Face hub id, a local folder written by save_pretrained (model and processor), or "
+            "bundled:kosmos-2-tiny (the small Kosmos-2 shipped with robovla, pre-trained on grounding)"))
 
     def __init__(self, config: Any):
         super().__init__(config)
@@ -45,6 +50,13 @@ class Kosmos(HFBackbone):
         self.bos_token_id = int(self.tokenizer.bos_token_id)
         self.eos_token_id = int(self.tokenizer.eos_token_id)
         self.lora_targets = r".*text_model\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|ffn\.(fc1|fc2))"
+
+    @classmethod
+    def pretrain(cls, options: PretrainOptions, out: Path) -> dict[str, Any]:
+        """Grounding pre-training on the synthetic task's scenes (robovla_plugins.backbones.kosmos.pretrain)."""
+        from robovla_plugins.backbones.kosmos.pretrain import pretrain
+
+        return pretrain(options, Path(out))
 
     def make_tokenizer(self) -> Any:
         # XLM-R's order for the first ids: <s> 0, <pad> 1, </s> 2, <unk> 3 (Kosmos-2 counts positions from pad).
