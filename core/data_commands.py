@@ -20,7 +20,7 @@ from typing import Any
 
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError
-from robovla.flags import add_option_flags, read_options
+from robovla.flags import capable_plugin, read_options
 from robovla.frame_cache import CACHE_DIR
 from robovla.registry import create, get_component
 
@@ -175,23 +175,13 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("out", type=Path, help="the new dataset folder (new or empty)")
     p.add_argument("--to", required=True, help="the dataset format to write (a dataset plugin that can write, "
                    "e.g. lerobot); `robo-run data export --to FORMAT --help` lists its options")
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--to")
-    known = pre.parse_known_args(argv)[0]
-    if known.to is None:
-        p.parse_args(argv)  # --help, or the error that --to is required
-    writer = get_component("dataset", known.to).load()
-    options_model = getattr(writer, "WriteOptions", None)
-    if not callable(getattr(writer, "write", None)) or options_model is None:
-        raise RobovlaError(f"dataset {known.to!r} cannot write datasets (its class defines no `write` and "
-                           "`WriteOptions`); choose a format that can, e.g. --to lerobot")
-    add_option_flags(p, options_model)
+    name, writer, options_model = capable_plugin(p, argv, "--to", "dataset", "write", "WriteOptions")
     args = p.parse_args(argv)
     _new_folder(f"OUT {args.out}", args.out, "export writes a new dataset there")
     options = read_options(args, options_model)
     counts = writer.write(_open(args), args.out, options, args.dataset)
     print(json.dumps(counts) if args.json else f"{args.out}: {counts['episodes']} episodes, {counts['frames']} frames"
-          f", {counts.get('tasks', '?')} tasks, as dataset {known.to!r}; train on it with --dataset {known.to} "
+          f", {counts.get('tasks', '?')} tasks, as dataset {name!r}; train on it with --dataset {name} "
           f"--dataset.path {args.out}")
     return 0
 

@@ -97,3 +97,38 @@ def read_options(args: Any, model: Any) -> Any:
         raise ConfigError([f"--{str(e['loc'][0]).replace('_', '-')} {values.get(e['loc'][0])}: {e['msg']}"
                            if e["loc"] else e["msg"].removeprefix("Value error, ") for e in exc.errors()],
                           header="cannot parse the command line") from None
+
+
+def capable_plugin(parser: Any, argv: list[str], flag: str, kind: str, method: str,
+                   options: str) -> tuple[str, Any, Any]:
+    """For a command that hands its work to a plugin capability (``robo-run pretrain --backbone
+    NAME``, ``robo-run data export --to NAME``): the plugin name that ``flag`` holds in ``argv``,
+    its class, and the class's options model (attribute ``options``), whose fields are added
+    to ``parser`` as flags. A class without the classmethod ``method`` or the options model
+    is refused, naming the registered ones that have both."""
+    import argparse
+
+    from robovla.errors import RobovlaError
+    from robovla.registry import get_component, list_components
+
+    def capable(cls: Any) -> bool:
+        return callable(getattr(cls, method, None)) and getattr(cls, options, None) is not None
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument(flag)
+    name = getattr(pre.parse_known_args(argv)[0], flag.lstrip("-").replace("-", "_"))
+    if name is None:
+        parser.parse_args(argv)  # --help, or the error that the flag is required
+    cls = get_component(kind, name).load()
+    if not capable(cls):
+        able = []
+        for other in list_components(kind):
+            try:
+                able += [other] if capable(get_component(kind, other).load()) else []
+            except Exception:  # noqa: BLE001 - a plugin that fails to load is listed by robo-run plugins
+                continue
+        raise RobovlaError(f"{kind} {name!r} cannot {method} (its class defines no `{method}` and `{options}`); "
+                           f"choose one that can: {', '.join(f'{flag} {a}' for a in able) or 'none is installed'}")
+    model = getattr(cls, options)
+    add_option_flags(parser, model)
+    return name, cls, model

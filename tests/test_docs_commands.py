@@ -104,6 +104,8 @@ SYNOPSIS = {  # the grammar block: each command's own help
         run("export", "--help"),
     "robo-run push RUN_DIR REPO_ID [--private] export a run and upload it to the Hugging Face hub":
         run("push", "--help"),
+    "robo-run pretrain --backbone kosmos OUT [...] pre-train a backbone's own weights (Kosmos-2:":
+        run("pretrain", "--backbone", "kosmos", "--help"),
 }
 EVAL_CALVIN = ["eval", "--run", "runs/demo", "--env", "calvin", "--env.path", "{calvin}", *CALVIN]
 README = {

@@ -45,6 +45,10 @@ def test_wheel_carries_registry_and_runs_in_a_fresh_venv(tmp_path):
     assert "robovla/registry.toml" in names and "robovla_plugins/__init__.py" in names
     assert "robovla/testing/__init__.py" in names and not [n for n in names if n.startswith(("core/", "tests/"))]
     assert zipfile.ZipFile(wheel).read("robovla/registry.toml") == (ROOT / "registry.toml").read_bytes()
+    bundled = ROOT / "plugins" / "backbones" / "kosmos" / "kosmos-2-tiny"  # the pre-trained tiny Kosmos-2
+    for file in bundled.iterdir():
+        assert zipfile.ZipFile(wheel).read(f"robovla_plugins/backbones/kosmos/kosmos-2-tiny/{file.name}") == \
+            file.read_bytes(), file.name
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
