@@ -211,8 +211,8 @@ def caption(rng: np.random.Generator, colours: list[str], boxes: np.ndarray, gri
 class Batcher:
     """Model inputs for lists of images and captions: ``<s>``, N image tokens, caption, ``</s>``."""
 
-    def __init__(self, tokenizer: Any, image_tokens: int, image_size: int):
-        self.tokenizer, self.n, self.size = tokenizer, image_tokens, image_size
+    def __init__(self, tokenizer: Any, image_tokens: int):
+        self.tokenizer, self.n = tokenizer, image_tokens
         self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
@@ -232,7 +232,6 @@ class Batcher:
         image_mask = torch.zeros_like(mask)
         image_mask[:, 1:1 + self.n] = 1
         labels = ids.masked_fill((mask == 0) | (image_mask == 1), -100)
-        labels[:, 0] = -100
         return {"pixel_values": self.pixels(images), "input_ids": ids, "attention_mask": mask,
                 "image_embeds_position_mask": image_mask, "labels": labels}
 
@@ -333,7 +332,7 @@ def spatial_init(model: Any, options: PretrainOptions) -> None:
         return
     half = width // 2
     images = [scene_image((6, options.seed, i), 1 + i % 3, options.image_size)[0] for i in range(64)]
-    features = vision.post_layernorm(model.vision_model(pixel_values=Batcher(None, n, options.image_size)
+    features = vision.post_layernorm(model.vision_model(pixel_values=Batcher(None, n)
                                                         .pixels(images)).last_hidden_state)
     codes = proj.dense(torch.nn.functional.normalize(features, dim=-1))[:, 1:].mean(0)  # [patches, width]
     codes = (codes - codes.mean(0))[:, half:]  # what tells the patches apart, in the second half
@@ -374,7 +373,7 @@ def pretrain(options: PretrainOptions, out: Path, progress: bool = True) -> dict
     model, tokenizer = build(options)
     model.train()
     grid = options.image_size // options.patch_size
-    batcher = Batcher(tokenizer, options.latent_queries, options.image_size)
+    batcher = Batcher(tokenizer, options.latent_queries)
     measure = Grounding(batcher, grid, options.eval_scenes, options.image_size)
     optim = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
 
