@@ -20,7 +20,7 @@ from typing import Any
 
 from robovla import registry_file
 from robovla.errors import ConfigError, RobovlaError
-from robovla.flags import capable_plugin, read_options
+from robovla.flags import capable_plugin, new_folder, read_options
 from robovla.frame_cache import CACHE_DIR
 from robovla.registry import create, get_component
 
@@ -35,14 +35,6 @@ def _within(args: argparse.Namespace, flag: str, low: int, high: int, what: str)
     value = getattr(args, flag)
     if not low <= value <= high:
         raise ConfigError([f"--{flag} {value}: {what} is an integer from {low} to {high}; pass one in that range"],
-                          header="cannot parse the command line")
-
-
-def _new_folder(label: str, folder: Path, why: str) -> None:
-    """Refuse, as a usage error, a folder that exists and is not empty (or is not a folder)."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        what = "a folder that is not empty" if folder.is_dir() else "not a folder"
-        raise ConfigError([f"{label}: {what}; {why}: pass a new or empty folder"],
                           header="cannot parse the command line")
 
 
@@ -138,8 +130,8 @@ def cmd_synth(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _within(args, "episodes", 1, EPISODES_MAX, "the number of training episodes")
     _within(args, "seed", 0, SEED_END - 1, "the seed")
-    _new_folder(f"--out {args.out}", args.out, "synth writes a new dataset there and would mix it with (or "
-                "overwrite) what is there")
+    new_folder(f"--out {args.out}", args.out, "synth writes a new dataset there and would mix it with (or "
+               "overwrite) what is there")
     cls = get_component("dataset", args.dataset).load()
     if not callable(getattr(cls, "synthesize", None)):
         raise RobovlaError(f"dataset {args.dataset!r} has no synthetic task (its class defines no `synthesize`)")
@@ -177,7 +169,7 @@ def cmd_export(argv: list[str]) -> int:
                    "e.g. lerobot); `robo-run data export --to FORMAT --help` lists its options")
     name, writer, options_model = capable_plugin(p, argv, "--to", "dataset", "write", "WriteOptions")
     args = p.parse_args(argv)
-    _new_folder(f"OUT {args.out}", args.out, "export writes a new dataset there")
+    new_folder(f"OUT {args.out}", args.out, "export writes a new dataset there")
     options = read_options(args, options_model)
     counts = writer.write(_open(args), args.out, options, args.dataset)
     print(json.dumps(counts) if args.json else f"{args.out}: {counts['episodes']} episodes, {counts['frames']} frames"

@@ -99,6 +99,18 @@ def read_options(args: Any, model: Any) -> Any:
                           header="cannot parse the command line") from None
 
 
+def new_folder(label: str, folder: Any, why: str) -> None:
+    """Refuse, as a usage error, an output ``folder`` (a Path) that exists and is not empty (or
+    is not a folder), before anything is written; ``label`` names the argument, ``why`` what
+    the command would write there."""
+    from robovla.errors import ConfigError
+
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        what = "a folder that is not empty" if folder.is_dir() else "not a folder"
+        raise ConfigError([f"{label}: {what}; {why}: pass a new or empty folder"],
+                          header="cannot parse the command line")
+
+
 def capable_plugin(parser: Any, argv: list[str], flag: str, kind: str, method: str,
                    options: str) -> tuple[str, Any, Any]:
     """For a command that hands its work to a plugin capability (``robo-run pretrain --backbone

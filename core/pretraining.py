@@ -15,8 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from robovla.errors import ConfigError
-from robovla.flags import capable_plugin, read_options
+from robovla.flags import capable_plugin, new_folder, read_options
 
 
 def main(argv: list[str]) -> int:
@@ -28,9 +27,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the record as JSON for machines")
     name, cls, options_model = capable_plugin(p, argv, "--backbone", "backbone", "pretrain", "PretrainOptions")
     args = p.parse_args(argv)
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise ConfigError([f"OUT {args.out}: exists and is not an empty folder; pretrain writes its weights there: "
-                           "pass a new or empty folder"], header="cannot parse the command line")
+    new_folder(f"OUT {args.out}", args.out, "pretrain writes its weights there")
     record = cls.pretrain(read_options(args, options_model), args.out)
     if args.json:
         print(json.dumps(record, indent=2))

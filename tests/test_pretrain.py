@@ -98,7 +98,7 @@ def test_pretrain_refuses_what_it_cannot_do(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert main(["pretrain", "--backbone", "kosmos", str(tmp_path / "full"), "--steps", "1"]) == 2
-    assert "is not an empty folder" in capsys.readouterr().err
+    assert "full: a folder that is not empty; pretrain writes its weights there" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert main(["pretrain", "--backbone", "kosmos", str(tmp_path / "y"), "--steps", "many"]) == 2
     assert "--steps many: Input should be a valid integer" in capsys.readouterr().err
