@@ -63,8 +63,7 @@ def test_the_bundled_weights_ground_colour_words_as_their_record_says():
     options = pt.PretrainOptions(**record["options"])
     backbone = robovla.create("backbone", "kosmos", {"path": "bundled:kosmos-2-tiny"})
     model, tokenizer = backbone.model.eval(), backbone.tokenizer
-    grid = options.image_size // options.patch_size
-    measure = pt.Grounding(pt.Batcher(tokenizer, options.latent_queries), grid,
+    measure = pt.Grounding(pt.Batcher(tokenizer, options.latent_queries), options.grid,
                            options.eval_scenes, options.image_size)
     found = measure(model)
     final = record["final"]

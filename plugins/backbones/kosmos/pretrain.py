@@ -84,6 +84,11 @@ class PretrainOptions(BaseModel):
     eval_scenes: int = Field(200, ge=1, description="unseen three-block scenes the accuracy is measured on")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default)")
 
+    @property
+    def grid(self) -> int:
+        """Side of the vision encoder's patch grid, which the patch-index tokens number."""
+        return self.image_size // self.patch_size
+
     @model_validator(mode="after")
     def _grid(self) -> "PretrainOptions":
         if self.image_size % self.patch_size:
@@ -237,7 +242,6 @@ class Batcher:
 
 
 def training_batch(options: PretrainOptions, step: int, batcher: Batcher) -> dict[str, torch.Tensor]:
-    grid = options.image_size // options.patch_size
     rng = np.random.default_rng([5, options.seed, step])
     images, captions = [], []
     zoom = options.zoom_start + (options.zoom_end - options.zoom_start) * step / max(1, options.steps - 1)
@@ -245,7 +249,7 @@ def training_batch(options: PretrainOptions, step: int, batcher: Batcher) -> dic
         blocks = 1 if step < options.single_block_steps else int(rng.integers(1, 4))
         img, colours, boxes = scene_image((3, options.seed, step, i), blocks, options.image_size, zoom)
         images.append(img)
-        captions.append(caption(rng, colours, boxes, grid))
+        captions.append(caption(rng, colours, boxes, options.grid))
     return batcher(images, captions)
 
 
@@ -260,7 +264,7 @@ class Grounding:
     patches (a model that finds a block but ignores the colour word gives one)."""
 
     def __init__(self, batcher: Batcher, grid: int, scenes: int, size: int):
-        self.batcher, self.grid = batcher, grid
+        self.batcher = batcher
         self.images, self.prompts, self.targets = [], [], []
         for s in range(scenes):
             img, colours, boxes = scene_image((4, s), 3, size)
@@ -299,8 +303,7 @@ def build(options: PretrainOptions) -> tuple[Any, Any]:
     """(model, tokenizer) at their initial weights, seeded by ``options.seed``."""
     from transformers import Kosmos2ForConditionalGeneration
 
-    grid = options.image_size // options.patch_size
-    tokenizer = make_tokenizer(grid)
+    tokenizer = make_tokenizer(options.grid)
     torch.manual_seed(options.seed)
     model = Kosmos2ForConditionalGeneration._from_config(model_config(options, len(tokenizer)),
                                                          attn_implementation="sdpa")
@@ -328,7 +331,7 @@ def spatial_init(model: Any, options: PretrainOptions) -> None:
         vision.embeddings.position_embedding.weight.normal_(std=options.position_std)
     proj = model.image_to_text_projection
     n, width = proj.latent_query.shape
-    if not options.resampler_logit or n != (options.image_size // options.patch_size) ** 2:
+    if not options.resampler_logit or n != options.grid ** 2:
         return
     half = width // 2
     images = [scene_image((6, options.seed, i), 1 + i % 3, options.image_size)[0] for i in range(64)]
@@ -372,9 +375,8 @@ def pretrain(options: PretrainOptions, out: Path, progress: bool = True) -> dict
         torch.set_num_threads(options.threads)
     model, tokenizer = build(options)
     model.train()
-    grid = options.image_size // options.patch_size
     batcher = Batcher(tokenizer, options.latent_queries)
-    measure = Grounding(batcher, grid, options.eval_scenes, options.image_size)
+    measure = Grounding(batcher, options.grid, options.eval_scenes, options.image_size)
     optim = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
 
     def scale(step: int) -> float:
